@@ -1,0 +1,13 @@
+"""Dataset readers, the latent cache and the synthetic shapes set."""
+
+from .datasets import (CaptionedImageDataset, DataError, augmentation_rng, collate_skip_none, load_pixels,
+                       scan_captioned_images)
+from .shapes import (COLORS, HOLDOUT, SHAPE_DRAWERS, SHAPES, Prompt, all_prompts, caption, make_shapes,
+                     make_shapes_main, parse_caption)
+
+__all__ = [
+    "CaptionedImageDataset", "DataError", "augmentation_rng", "collate_skip_none", "load_pixels",
+    "scan_captioned_images",
+    "COLORS", "HOLDOUT", "SHAPE_DRAWERS", "SHAPES", "Prompt", "all_prompts", "caption", "make_shapes",
+    "make_shapes_main", "parse_caption",
+]

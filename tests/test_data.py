@@ -1,0 +1,183 @@
+"""Shapes generator, dataset readers, augmentation reproducibility, latent cache."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.data import (COLORS, HOLDOUT, CaptionedImageDataset, DataError, all_prompts, caption,
+                             collate_skip_none, make_shapes, make_shapes_main, parse_caption,
+                             scan_captioned_images)
+
+
+def _read(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _save(path, color=(200, 30, 30), size=(40, 30)):
+    Image.new("RGB", size, color).save(path)
+
+
+# --- shapes generator ---------------------------------------------------------------------------
+
+def test_make_shapes_is_deterministic_and_atomic(tmp_path):
+    assert make_shapes(tmp_path / "a", 12, seed=3) == 12
+    make_shapes(tmp_path / "b", 12, seed=3)
+    make_shapes(tmp_path / "c", 12, seed=4)
+    a = _read(tmp_path / "a")
+    assert a == _read(tmp_path / "b")
+    assert a != _read(tmp_path / "c")
+    assert sorted(a) == [f"{i:05d}.png" for i in range(12)] + ["metadata.jsonl"]  # no .tmp left
+    make_shapes(tmp_path / "a", 12, seed=3)  # a rerun rewrites identical files
+    assert _read(tmp_path / "a") == a
+
+
+def test_make_shapes_images_and_captions(tmp_path):
+    make_shapes(tmp_path, 200, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 200
+    for row in rows:
+        color, shape, background = parse_caption(row["text"])
+        assert color != background and (color, shape) not in HOLDOUT
+        image = Image.open(tmp_path / row["file_name"])
+        assert image.size == (64, 64) and image.mode == "RGB"
+        # the border is the background; the shape's color is there too
+        pixels = np.asarray(image).reshape(-1, 3)
+        assert (np.abs(pixels - COLORS[color]).sum(1) < 10).mean() > 0.05
+
+
+def test_holdout_included_on_request_and_extensible(tmp_path):
+    make_shapes(tmp_path, 300, seed=1, include_holdout=True)
+    pairs = {parse_caption(json.loads(line)["text"])[:2] for line in open(tmp_path / "metadata.jsonl")}
+    assert set(HOLDOUT) <= pairs
+    make_shapes(tmp_path / "x", 40, colors={"pink": (255, 105, 180), "black": (0, 0, 0)}, shapes=("cross",))
+    texts = {json.loads(line)["text"] for line in open(tmp_path / "x" / "metadata.jsonl")}
+    assert texts == {caption("pink", "cross", "black"), caption("black", "cross", "pink")}
+
+
+def test_caption_grammar():
+    assert caption("red", "star", "blue") == "a red star on a blue background"
+    assert parse_caption("a red star on a blue background") == ("red", "star", "blue")
+    with pytest.raises(ValueError):
+        parse_caption("a red star")
+    prompts = all_prompts()
+    assert len(prompts) == 8 * 4 * 7
+    assert sum(p.held_out for p in prompts) == len(HOLDOUT) * 7
+    assert len(all_prompts(include_holdout=False)) == (8 * 4 - len(HOLDOUT)) * 7
+
+
+@pytest.mark.parametrize("argv", [["--n", "-1"], ["--n", "3", "--colors", "red,teal"],
+                                  ["--n", "3", "--shapes", "circle,blob"], ["--n", "3", "--colors", "red"]])
+def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        make_shapes_main([str(out), *argv])
+    assert exit_info.value.code == 2
+    assert not out.exists()
+    assert "error:" in capsys.readouterr().err
+
+
+def test_make_shapes_cli(tmp_path):
+    assert make_shapes_main([str(tmp_path), "--n", "5", "--colors", "red,pink=#ff69b4", "--shapes", "cross"]) == 0
+    assert len(scan_captioned_images(tmp_path)) == 5
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+def test_reads_metadata_jsonl(tmp_path):
+    make_shapes(tmp_path, 4)
+    items = scan_captioned_images(tmp_path)
+    assert [p.name for p, _ in items] == [f"{i:05d}.png" for i in range(4)]
+    assert all(parse_caption(text) for _, text in items)
+
+
+def test_reads_sidecar_captions_recursively(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("first\n")
+    _save(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "sub" / "b.caption").write_text("second")
+    items = scan_captioned_images(tmp_path)
+    assert [(p.relative_to(tmp_path).as_posix(), t) for p, t in items] == [("a.png", "first"), ("sub/b.jpg", "second")]
+
+
+def _error(root, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        scan_captioned_images(root, **kwargs)
+    return str(info.value)
+
+
+def test_reader_errors(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope")
+    assert "no images found" in _error(tmp_path)
+    for i in range(13):
+        _save(tmp_path / f"img{i:02d}.png")
+    message = _error(tmp_path)
+    assert "13 image(s)" in message and "img00.png" in message and "and 3 more" in message
+    assert [t for _, t in scan_captioned_images(tmp_path, allow_missing_captions=True)] == [""] * 13
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("{not json", "line 2 is not valid JSON"),
+    ('{"file_name": "a.png", "text": 7}', "line 2 has a 'text' of type int"),
+    ('{"file_name": "a.png", "text": ["x"]}', "line 2 has a 'text' of type list"),
+    ('{"file_name": "gone.png", "text": "x"}', "line 2 names 'gone.png', which does not exist"),
+    ('{"text": "x"}', "line 2 must be a JSON object with a string 'file_name'"),
+])
+def test_metadata_errors_name_the_line(tmp_path, line, expected):
+    _save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n' + line + "\n")
+    assert expected in _error(tmp_path)
+
+
+# --- CaptionedImageDataset ----------------------------------------------------------------------
+
+def test_dataset_item_and_corrupt_images(tmp_path, caplog):
+    _save(tmp_path / "good.png", size=(48, 32))
+    (tmp_path / "good.txt").write_text("good")
+    _save(tmp_path / "trunc.png", size=(64, 64))
+    data = (tmp_path / "trunc.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "trunc.txt").write_text("trunc")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "junk.txt").write_text("junk")
+    items = scan_captioned_images(tmp_path)
+    dataset = CaptionedImageDataset(items, 16)
+    by_name = {p.name: i for i, (p, _) in enumerate(items)}
+    item = dataset[by_name["good.png"]]
+    assert item["pixel_values"].shape == (3, 16, 16) and item["text"] == "good"
+    assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+    with caplog.at_level(logging.WARNING):
+        assert dataset[by_name["trunc.png"]] is None
+        assert dataset[by_name["junk.png"]] is None
+        assert dataset[by_name["junk.png"]] is None  # warned and counted once per file
+    assert dataset.skipped == 2
+    assert sum("junk.png" in r.getMessage() for r in caplog.records) == 1
+    assert any("trunc.png" in r.getMessage() for r in caplog.records)
+    batch = collate_skip_none([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (1, 3, 16, 16) and batch["text"] == ["good"]
+    assert collate_skip_none([None, None]) is None
+
+
+def test_augmentation_reproducible_per_seed_epoch_index(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    items = [(tmp_path / "a.png", "x")] * 16
+
+    def views(seed, epoch):
+        dataset = CaptionedImageDataset(items, 16, center_crop=False, random_flip=True, seed=seed)
+        dataset.set_epoch(epoch)
+        return torch.stack([dataset[i]["pixel_values"] for i in range(len(items))])
+
+    first = views(0, 1)
+    assert torch.equal(first, views(0, 1))
+    assert len({tuple(v.flatten().tolist()) for v in first}) > 1  # crops/flips differ between indices
+    assert not torch.equal(first, views(0, 2))
+    assert not torch.equal(first, views(1, 1))
+    # random access order does not matter: a resumed run that starts at index 9 sees the same view
+    resumed = CaptionedImageDataset(items, 16, center_crop=False, random_flip=True, seed=0)
+    resumed.set_epoch(1)
+    assert torch.equal(resumed[9]["pixel_values"], first[9])

@@ -181,3 +181,59 @@ def test_augmentation_reproducible_per_seed_epoch_index(tmp_path):
     resumed = CaptionedImageDataset(items, 16, center_crop=False, random_flip=True, seed=0)
     resumed.set_epoch(1)
     assert torch.equal(resumed[9]["pixel_values"], first[9])
+
+
+# --- latent cache -------------------------------------------------------------------------------
+
+def _tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, latent_channels=4, sample_size=16,
+                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+
+
+def test_latent_cache_hit_miss_and_invalidation(tmp_path):
+    from latentdiff.data.latent_cache import CachedLatentDataset, LatentCache, sample_latents
+    make_shapes(tmp_path / "imgs", 4)
+    items = scan_captioned_images(tmp_path / "imgs")
+    vae = _tiny_vae()
+
+    def cache(v=vae):
+        return LatentCache(tmp_path / "cache", v, 16, center_crop=True, random_flip=True)
+
+    assert cache().build(items, batch_size=3, device="cpu", dtype=torch.float32, progress=False) == 4
+    assert cache().build(items, 3, "cpu", torch.float32, progress=False) == 0  # all hits
+    assert not list((tmp_path / "cache").glob("*.tmp")) and not list((tmp_path / "cache").glob(".*"))
+
+    # the stored posterior is the VAE's, for the plain and the mirrored image
+    from latentdiff.data.datasets import load_pixels
+    x = load_pixels(items[0][0], 16)
+    with torch.no_grad():
+        expected = vae.encode(torch.stack([x, x.flip(-1)])).latent_dist.parameters
+    assert torch.allclose(cache().load(items[0][0]), expected[0], atol=1e-5)
+    assert torch.allclose(cache().load(items[0][0], flip=True), expected[1], atol=1e-5)
+
+    _save(items[2][0], size=(64, 64))  # a changed image misses
+    assert cache().build(items, 3, "cpu", torch.float32, progress=False) == 1
+    other = _tiny_vae()
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # changed VAE weights miss everything
+    assert cache(other).build(items, 3, "cpu", torch.float32, progress=False) == 4
+    with pytest.raises(ValueError, match="center_crop"):
+        LatentCache(tmp_path / "cache", vae, 16, center_crop=False)
+
+    # flips drawn like CaptionedImageDataset's; the sample has the latent shape
+    dataset = CachedLatentDataset(cache(), items, seed=5)
+    images = CaptionedImageDataset(items, 16, random_flip=True, seed=5)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        images.set_epoch(epoch)
+        for i in range(4):
+            flipped = torch.equal(images[i]["pixel_values"], load_pixels(items[i][0], 16, flip=True))
+            assert torch.equal(dataset[i]["latent_dist"], cache().load(items[i][0], flip=flipped))
+    params = collate_skip_none([dataset[0], dataset[1]])["latent_dist"]
+    assert params.shape == (2, 8, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    assert sample_latents(params, generator).shape == (2, 4, 16, 16)
+    cache().path_for(items[3][0]).unlink()  # a missing entry is skipped and counted
+    assert dataset[3] is None and dataset.skipped == 1

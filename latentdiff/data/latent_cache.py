@@ -1,0 +1,163 @@
+"""Encode every training image once with the VAE and keep the posterior on disk.
+
+An entry is a safetensors file holding the posterior parameters (mean and log-variance stacked on
+the channel axis, as diffusers' DiagonalGaussianDistribution stores them), so training can still
+sample the posterior instead of always using its mean. The file name is the sha256 of everything
+that shapes the result: the image bytes, the VAE (weights and config), the resolution, the crop
+and flip modes. A changed image or VAE therefore misses, and stale files are simply never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .datasets import UNREADABLE, augmentation_rng, load_pixels
+
+logger = logging.getLogger(__name__)
+
+
+def vae_fingerprint(vae) -> str:
+    """sha256 of the VAE's config and every tensor of its state dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sample_latents(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw from the cached posterior: mean + std * noise; params is (..., 2C, h, w).
+
+    Returns unscaled latents: multiplying by vae.config.scaling_factor is the trainer's job.
+    The log-variance clamp matches diffusers' DiagonalGaussianDistribution.
+    """
+    mean, logvar = params.chunk(2, dim=-3)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=params.device, dtype=params.dtype)
+    return mean + std * noise
+
+
+class LatentCache:
+    """Posterior parameters of each image in `cache_dir`, for one VAE and one preprocessing.
+
+    Only center crops can be cached: a random crop differs every epoch. With random_flip both the
+    plain and the mirrored image are encoded, and CachedLatentDataset picks one per (seed, epoch, index).
+    """
+
+    def __init__(self, cache_dir, vae, resolution: int, center_crop: bool = True, random_flip: bool = False):
+        if not center_crop:
+            raise ValueError("latent caching needs center_crop=True: a random crop differs every epoch.")
+        self.cache_dir = Path(cache_dir)
+        self.vae = vae
+        self.resolution = resolution
+        self.random_flip = random_flip
+        self._settings = f"{vae_fingerprint(vae)}|res={resolution}|crop=center|flip={random_flip}"
+        self._keys: dict[Path, str] = {}
+
+    def path_for(self, image_path) -> Path:
+        """The entry's file. Image bytes are hashed once per path: an image edited while this
+        object lives goes unnoticed until the next LatentCache (the next run)."""
+        image_path = Path(image_path)
+        if image_path not in self._keys:
+            digest = hashlib.sha256(self._settings.encode())
+            digest.update(image_path.read_bytes())
+            self._keys[image_path] = digest.hexdigest()
+        return self.cache_dir / f"{self._keys[image_path]}.safetensors"
+
+    def load(self, image_path, flip: bool = False) -> torch.Tensor:
+        return load_file(self.path_for(image_path))["flipped" if flip else "params"]
+
+    def _missing(self, items) -> list[Path]:
+        missing = []
+        for path, _ in items:
+            try:
+                if not self.path_for(path).is_file():
+                    missing.append(Path(path))
+            except OSError as err:
+                logger.warning("cannot read %s for the latent cache (%s)", path, err)
+        return list(dict.fromkeys(missing))  # the same file listed twice is encoded once
+
+    @torch.no_grad()
+    def build(self, items, batch_size: int, device, dtype, progress: bool = True) -> int:
+        """Encode the images of `items` without an entry; returns how many were encoded.
+
+        The VAE must already be on `device` in `dtype`; entries are stored in float32.
+        Unreadable images are logged and left without an entry (CachedLatentDataset skips them).
+        """
+        missing = self._missing(items)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        encoded = 0
+        for start in tqdm(range(0, len(missing), batch_size), disable=not progress, desc="caching latents"):
+            paths, pixels = [], []
+            for path in missing[start:start + batch_size]:
+                try:
+                    pixels.append(load_pixels(path, self.resolution))
+                    paths.append(path)
+                except UNREADABLE as err:
+                    logger.warning("skipping unreadable image %s (%s)", path, err)
+            if not paths:
+                continue
+            x = torch.stack(pixels)  # (B, 3, H, W)
+            if self.random_flip:
+                x = torch.cat([x, x.flip(-1)])
+            params = self.vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu()  # (B or 2B, 2C, h, w)
+            for i, path in enumerate(paths):
+                tensors = {"params": params[i].contiguous()}
+                if self.random_flip:
+                    tensors["flipped"] = params[len(paths) + i].contiguous()
+                self._save(self.path_for(path), tensors)
+                encoded += 1
+        return encoded
+
+    @staticmethod
+    def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """CaptionedImageDataset's twin over cached posteriors: {"latent_dist", "text", "index"}.
+
+    The flip is drawn exactly as the image dataset draws it, so switching caching on does not change
+    which samples are mirrored. Images without an entry yield None, are logged once and counted in
+    `skipped` (exact with num_workers=0 only, as for CaptionedImageDataset).
+    """
+
+    def __init__(self, cache: LatentCache, items, seed: int = 0):
+        self.cache = cache
+        self.items = list(items)
+        self.seed = seed
+        self.epoch = 0
+        self._bad: set[Path] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self._bad)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, text = self.items[i]
+        flip = self.cache.random_flip and augmentation_rng(self.seed, self.epoch, i).random() < 0.5
+        try:
+            params = self.cache.load(path, flip)
+        except (OSError, KeyError, SafetensorError) as err:
+            if path not in self._bad:
+                self._bad.add(path)
+                logger.warning("no cached latents for %s (%s)", path, err)
+            return None
+        return {"latent_dist": params, "text": text, "index": i}

@@ -1,0 +1,63 @@
+"""The `latentdiff` command: generate, train, train-vae, make-shapes, eval-shapes."""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: latentdiff COMMAND [ARGS]
+
+commands:
+  generate PROMPT [options]   text to image (the same options as scripts/txt2img.py; --help lists them)
+  train --config FILE [...]   fine-tune or train a model (full or LoRA) with accelerate
+  train-vae --config FILE     train the VAE of a model from scratch
+  make-shapes OUTDIR --n N    write the synthetic captioned "shapes" dataset
+  eval-shapes [--model M]     judge a model on every caption of the shapes grammar
+"""
+
+
+def _generate(argv):
+    from .generate import main
+
+    return main(argv, prog="latentdiff generate", positional_prompt=True)
+
+
+def _train(argv):
+    from .training import main
+
+    return main(argv)
+
+
+def _train_vae(argv):
+    from .training import vae_main
+
+    return vae_main(argv)
+
+
+def _make_shapes(argv):
+    from .data.shapes import make_shapes_main
+
+    return make_shapes_main(argv)
+
+
+def _eval_shapes(argv):
+    from .evaluate import eval_shapes_main
+
+    return eval_shapes_main(argv)
+
+
+COMMANDS = {"generate": _generate, "train": _train, "train-vae": _train_vae, "make-shapes": _make_shapes, "eval-shapes": _eval_shapes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"latentdiff: error: unknown command {argv[0]!r}; expected one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Generation parameters inside PNGs, in the A1111 `parameters` text-chunk format that SD tools read.
+
+    a red circle on a blue background
+    Negative prompt: blurry
+    Steps: 20, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e, Model: default_model, Precision: fp32
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A1111's display names → ours, so PNGs made by other SD tools replay here too.
+_A1111_SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "dpm++ 2m": "dpmpp_2m", "euler": "euler", "euler a": "euler_ancestral"}
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    cfg_scale: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    model: str = ""
+    model_hash: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. Precision, Eta
+
+    def to_text(self) -> str:
+        fields = {
+            "Steps": self.steps, "Sampler": self.sampler, "CFG scale": _num(self.cfg_scale), "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash, "Model": self.model, **self.extra,
+        }
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items() if v != ""))
+        return "\n".join(lines)
+
+    @classmethod
+    def from_text(cls, text: str) -> "GenerationParams":
+        lines = text.rstrip("\n").split("\n")
+        if not lines or not re.match(r"^Steps: ", lines[-1]):
+            raise ValueError("the PNG's parameters text has no 'Steps: …' line; expected A1111-style generation parameters")
+        fields = dict(_parse_fields(lines[-1]))
+        body = "\n".join(lines[:-1])
+        prompt, _, negative = body.partition("\nNegative prompt: ")
+        if body.startswith("Negative prompt: "):
+            prompt, negative = "", body[len("Negative prompt: "):]
+        width, _, height = fields.pop("Size", "512x512").partition("x")
+        sampler = fields.pop("Sampler", "dpmpp_2m")
+        return cls(
+            prompt=prompt, negative_prompt=negative, steps=int(fields.pop("Steps")),
+            sampler=_A1111_SAMPLERS.get(sampler.lower(), sampler), cfg_scale=float(fields.pop("CFG scale", 7.5)),
+            seed=int(fields.pop("Seed", 0)), width=int(width), height=int(height),
+            model=fields.pop("Model", ""), model_hash=fields.pop("Model hash", ""), extra=fields,
+        )
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _quote(v: str) -> str:
+    return '"' + v.replace('"', '\\"') + '"' if ("," in v or ":" in v or '"' in v) else v
+
+
+def _parse_fields(line: str):
+    for m in re.finditer(r'\s*([\w][\w \-/]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', line):
+        key, value = m.group(1).strip(), m.group(2).strip()
+        if value.startswith('"'):
+            value = value[1:-1].replace('\\"', '"')
+        yield key, value
+
+
+def save_png(path: Path, image, params: GenerationParams) -> None:
+    """Write atomically (temporary name, then rename) with the `parameters` chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", params.to_text())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def read_params(path) -> GenerationParams:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.info.get("parameters")
+    if text is None:
+        raise ValueError(f"{path} has no 'parameters' text chunk; expected a PNG written by latentdiff or another SD tool")
+    return GenerationParams.from_text(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,40 @@
+"""Precision names (`fp32`, `bf16`, `fp16`, `auto`) → torch dtypes for a device."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp16 on CUDA/MPS, bf16 on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return _DTYPES[precision]
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    """This process's device as accelerate assigns it (one GPU per process under `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState().device

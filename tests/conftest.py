@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Stable Diffusion-layout models, built once per session under a fixed seed."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def tiny_components(seed: int = 0, *, cross_dim: int = 32, sample_size: int = 8):
+    """UNet/VAE/CLIP text encoder with the real SD classes and layout, a few hundred thousand parameters each."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from latentdiff.text import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=sample_size * 2,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=cross_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=cross_dim,
+    ))
+    return unet.eval(), vae.eval(), text_encoder.eval(), build_clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A diffusers-format folder of a tiny random model, saved by latentdiff (SD's scaled_linear schedule)."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.schedulers import ScheduleConfig
+
+    unet, vae, text_encoder, tokenizer = tiny_components()
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    LatentDiffusionPipeline(unet, vae, text_encoder, tokenizer, ScheduleConfig()).save_pretrained(folder)
+    return folder

@@ -1,0 +1,103 @@
+"""The contract every sampler shares, and per-image noise."""
+
+import torch
+
+from . import schedules
+from .schedules import ScheduleConfig
+
+
+def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Gaussian noise drawn like diffusers' `randn_tensor`: a list of generators seeds each batch element on its own.
+
+    Element i is `torch.randn(shape[1:], generator=generator[i])`, so an image never depends on its batch position.
+    CPU generators draw on the CPU and the result moves to `device`, so seeds reproduce across devices.
+    """
+    device = torch.device(device or "cpu")
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; expected one per batch element.")
+        if len(generator) == 1:
+            generator = generator[0]
+    first = generator[0] if isinstance(generator, list) else generator
+    rand_device = torch.device("cpu") if first is not None and first.device.type == "cpu" else device
+    if isinstance(generator, list):
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator])
+    else:
+        noise = torch.randn(shape, generator=generator, device=rand_device, dtype=dtype)
+    return noise.to(device)
+
+
+class Sampler:
+    """Discrete-time sampler with diffusers' contract: set_timesteps, scale_model_input, step, add_noise.
+
+    Per-step scalars are precomputed on the host in `set_timesteps` (`_prepare`) and indexed by a step counter,
+    so `step` never synchronises with the device.
+    """
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, config: ScheduleConfig):
+        self.config = config
+        self.alphas_cumprod = schedules.alphas_cumprod(config)  # (T,) float32, CPU
+        self.timesteps = None
+        self._timestep_list = []
+        self._step_index = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        timesteps = self._make_timesteps(num_inference_steps)
+        self.timesteps = timesteps.to(device)
+        self._timestep_list = timesteps.tolist()
+        self._step_index = None
+        self._prepare(timesteps)
+
+    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        return schedules.timesteps(self.config, num_inference_steps)
+
+    def _prepare(self, timesteps: torch.Tensor):
+        """Precompute the per-step scalars of the algorithm and reset any multistep state."""
+        raise NotImplementedError
+
+    def _step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator) -> torch.Tensor:
+        """One update x_{t_i} → x_{t_{i+1}} in float32."""
+        raise NotImplementedError
+
+    def _index(self, t) -> int:
+        # Found from t on the first step only (one host sync per loop, as diffusers' _init_step_index),
+        # so a loop may start mid-schedule (img2img); later steps just count.
+        if self._step_index is None:
+            if self.timesteps is None:
+                raise RuntimeError("call set_timesteps() before sampling.")
+            t = int(t)
+            if t not in self._timestep_list:
+                raise ValueError(f"timestep {t} is not in this sampler's schedule {self._timestep_list}.")
+            self._step_index = self._timestep_list.index(t)
+        return self._step_index
+
+    def scale_model_input(self, sample: torch.Tensor, t) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, t, sample: torch.Tensor, generator=None) -> torch.Tensor:
+        """Return x at the next (less noisy) timestep; math in float32, result in sample's dtype."""
+        i = self._index(t)
+        prev_sample = self._step(model_output.float(), sample.float(), i, generator)
+        self._step_index = i + 1
+        return prev_sample.to(sample.dtype)
+
+    def _predict(self, model_output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float):
+        """(x̂_0, ε̂) from the network output at x_t = α x_0 + σ ε (α = √ᾱ_t, σ = √(1 − ᾱ_t))."""
+        if self.config.prediction_type == "epsilon":
+            return (sample - sigma * model_output) / alpha, model_output
+        # v = α ε − σ x_0 (Salimans & Ho 2022) ⇒ x_0 = α x_t − σ v, ε = σ x_t + α v
+        return alpha * sample - sigma * model_output, sigma * sample + alpha * model_output
+
+    def _noise(self, like: torch.Tensor, generator) -> torch.Tensor:
+        return randn(like.shape, generator, like.device, torch.float32)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedules.add_noise(x0, noise, t, self.alphas_cumprod)
+
+    def get_velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedules.get_velocity(x0, noise, t, self.alphas_cumprod)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        return schedules.snr(t, self.alphas_cumprod)

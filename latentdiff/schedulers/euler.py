@@ -1,0 +1,41 @@
+"""Euler sampler (Karras et al. 2022) on the σ-parameterised probability-flow ODE."""
+
+import torch
+
+from . import schedules
+from .base import Sampler
+
+
+class EulerSampler(Sampler):
+    """Karras et al. 2022 Alg. 2 without churn: x ← x + (x − x̂_0)/σ · (σ_next − σ), with x = x_0 + σ ε unscaled."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        # Until set_timesteps, σ spans the whole training schedule, so init_noise_sigma is defined (as diffusers).
+        self._prepare(torch.arange(config.num_train_timesteps - 1, -1, -1))
+
+    def _prepare(self, timesteps: torch.Tensor):
+        self.sigmas = schedules.sigmas(self.alphas_cumprod, timesteps)  # (n + 1,) float32, CPU
+        s = self.sigmas.double()
+        self._sigma = s.tolist()
+        self._down, self._up = self._split(s[:-1], s[1:])
+        # The model sees the VP input x/√(σ² + 1) = α x_0 + σ_vp ε.
+        self._alpha = (s**2 + 1).rsqrt().tolist()
+        sigma_max = self._sigma[0]
+        # x_T ~ N(0, σ_max² + 1) for "leading" (x_T = x_0 + σ ε), σ_max for "trailing" (as diffusers)
+        self.init_noise_sigma = sigma_max if self.config.timestep_spacing == "trailing" else (sigma_max**2 + 1) ** 0.5
+
+    def _split(self, sigma: torch.Tensor, sigma_next: torch.Tensor):
+        """(σ_down, σ_up) per step: the deterministic target level and the fresh noise added there."""
+        return sigma_next.tolist(), [0.0] * len(sigma_next)
+
+    def scale_model_input(self, sample: torch.Tensor, t) -> torch.Tensor:
+        return sample * self._alpha[self._index(t)]
+
+    def _step(self, model_output, sample, i, generator):
+        alpha, sigma = self._alpha[i], self._sigma[i]
+        x0, _ = self._predict(model_output, sample * alpha, alpha, sigma * alpha)
+        prev_sample = sample + (sample - x0) / sigma * (self._down[i] - sigma)
+        if self._up[i] > 0:
+            prev_sample = prev_sample + self._up[i] * self._noise(sample, generator)
+        return prev_sample

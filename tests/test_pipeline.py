@@ -1,0 +1,131 @@
+"""The pipeline against diffusers' StableDiffusionPipeline on the same tiny random weights."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff.pipeline import LatentDiffusionPipeline, ModelError, load_pipeline
+from latentdiff.schedulers import SAMPLERS
+
+PROMPTS = ["a red circle on a blue background", "a green star on a white background"]
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return load_pipeline(tiny_model_dir, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_matches_diffusers(pipe, reference, sampler, prediction_type):
+    import diffusers
+
+    pipe.schedule.prediction_type = prediction_type
+    try:
+        ours = pipe(PROMPTS, "blurry", num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler=sampler, output_type="pt", progress=False).images
+    finally:
+        pipe.schedule.prediction_type = "epsilon"
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
+    reference.scheduler = cls.from_config({**reference.scheduler.config, "prediction_type": prediction_type})
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    theirs = reference(PROMPTS, negative_prompt=["blurry"] * 2, num_inference_steps=6, guidance_scale=5.0, generator=gens, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert (ours - theirs).abs().max().item() < 1e-3
+
+
+def test_image_independent_of_batch(pipe):
+    """(prompt, seed) gives the same image alone, first, or second in a batch."""
+    alone = pipe(PROMPTS[1], seed=7, num_inference_steps=4, output_type="pt", progress=False).images[0]
+    batch = pipe([PROMPTS[1], PROMPTS[0], PROMPTS[1]], seed=[7, 8, 7], num_inference_steps=4, sampler="euler_ancestral", output_type="pt", progress=False).images
+    batch_dpm = pipe([PROMPTS[0], PROMPTS[1]], seed=[8, 7], num_inference_steps=4, output_type="pt", progress=False).images
+    torch.testing.assert_close(batch_dpm[1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[0], batch[2], atol=1e-5, rtol=0)
+
+
+def test_seeds_and_images_per_prompt(pipe):
+    out = pipe(PROMPTS, num_images_per_prompt=2, seed=10, num_inference_steps=2, output_type="numpy", progress=False)
+    assert out.seeds == [10, 11, 12, 13]
+    assert out.images.shape == (4, 16, 16, 3) and out.images.dtype == np.uint8
+    random = pipe(PROMPTS[0], num_inference_steps=1, progress=False)
+    assert len(random.seeds) == 1 and 0 <= random.seeds[0] < 2**32
+    again = pipe(PROMPTS[0], num_inference_steps=1, seed=random.seeds, output_type="numpy", progress=False).images[0]
+    assert np.array_equal(np.asarray(random.images[0]), again)
+
+
+def test_guidance_one_skips_unconditional_pass(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        pipe(PROMPTS, guidance_scale=1.0, num_inference_steps=2, progress=False, output_type="latents")
+        pipe(PROMPTS, guidance_scale=3.0, num_inference_steps=2, progress=False, output_type="latents")
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 4, 4]  # one UNet call per step: B without guidance, 2B (uncond + cond) with it
+
+
+def test_callback_and_latents(pipe):
+    seen = []
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe("", latents=latents, num_inference_steps=3, callback=lambda i, t, x: seen.append((i, t, tuple(x.shape))), output_type="latents", progress=False)
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 8, 8)
+    assert out.images.shape == (1, 4, 8, 8)
+
+
+def test_long_prompt_warns_with_dropped_words(pipe, caplog):
+    prompt = "a red circle " + "very " * 80 + "ELEPHANT"
+    with caplog.at_level(logging.WARNING, logger="latentdiff.text"):
+        pipe(prompt, num_inference_steps=1, progress=False, output_type="latents")
+    assert "elephant" in caplog.text.lower() and "dropped" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=12), "multiples of 8"),
+    (dict(num_inference_steps=0), "at least 1"),
+    (dict(sampler="plms"), "unknown sampler"),
+    (dict(seed=[1, 2, 3]), "3 seeds for 1 images"),
+    (dict(output_type="jpeg"), "output_type"),
+])
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", progress=False, **kwargs)
+
+
+def test_nan_weights_are_reported(tiny_model_dir):
+    broken = load_pipeline(tiny_model_dir, device="cpu", precision="fp32")
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ModelError, match="UNet"):
+        broken("a cat", num_inference_steps=1, progress=False)
+
+
+def test_bf16_close_to_fp32(tiny_model_dir, pipe):
+    low = load_pipeline(tiny_model_dir, device="cpu", precision="bf16")
+    assert low.unet.dtype == torch.bfloat16
+    a = pipe(PROMPTS[0], seed=1, num_inference_steps=4, output_type="pt", progress=False).images
+    b = low(PROMPTS[0], seed=1, num_inference_steps=4, output_type="pt", progress=False).images
+    assert (a - b).abs().mean() < 0.05
+
+
+def test_save_pretrained_round_trip_and_missing_paths(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path / "copy")
+    copy = load_pipeline(tmp_path / "copy", device="cpu", precision="fp32")
+    for a, b in zip(pipe.unet.state_dict().values(), copy.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "copy.tmp").exists()
+    with pytest.raises(ModelError, match="does not exist"):
+        load_pipeline(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="unet/config.json is missing"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "empty")

@@ -1,0 +1,78 @@
+"""Filling models with weights: built empty on the meta device, then given the loaded tensors.
+
+Building on meta and loading with `assign=True` means each weight is allocated once (by the file
+reader), never a second time for random initialisation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from .files import CheckpointError, mismatch_error, read_state_dict
+
+TEXT_MODEL_PREFIX = "text_model."  # transformers < 5 and every SD folder/file spell CLIP keys with it
+
+
+def build_empty(factory):
+    """`factory()` with parameters on the meta device; buffers (e.g. CLIP's position_ids) stay real."""
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in `dtype` (integer tensors untouched); None keeps them as stored."""
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load; a meta model takes the tensors themselves, a real one copies them in."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise mismatch_error(what, missing, unexpected)
+    meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state_dict, strict=True, assign=meta)
+
+
+def text_encoder_state(model) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights keyed without `text_model.`, whatever the transformers version."""
+    return {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def load_text_encoder_state(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load CLIPTextModel weights strictly, with or without the `text_model.` key prefix.
+
+    transformers 5 names the keys `embeddings.…`, older versions and SD files `text_model.embeddings.…`;
+    both load into either. Only `position_ids` buffers are ignored.
+    """
+    prefix = TEXT_MODEL_PREFIX if any(k.startswith(TEXT_MODEL_PREFIX) for k in model.state_dict()) else ""
+    state_dict = {
+        prefix + k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state_dict.items() if not k.endswith("position_ids")
+    }
+    load_state(model, state_dict, "text encoder")
+
+
+def load_text_encoder(folder, torch_dtype: torch.dtype | None = None):
+    """CLIPTextModel from a diffusers folder (or its text_encoder/ subfolder), offline and strict."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    if (folder / "text_encoder" / "config.json").is_file():
+        folder = folder / "text_encoder"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json (expected a text_encoder folder of a diffusers model).")
+    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+    if not weights:
+        raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin.")
+    config = CLIPTextConfig.from_pretrained(os.fspath(folder))
+    model = build_empty(lambda: CLIPTextModel(config))
+    try:
+        load_text_encoder_state(model, cast(read_state_dict(weights[0]), torch_dtype or torch.float32))
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights[0]}: {e}") from None
+    return model.eval()

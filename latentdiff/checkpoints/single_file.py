@@ -1,0 +1,156 @@
+"""Stable Diffusion 1.x/2.x single files (original CompVis/Stability layout) <-> diffusers/transformers models."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..schedulers.schedules import ScheduleConfig
+from ..text import build_clip_tokenizer
+from .files import CheckpointError, read_metadata_config, read_state_dict, write_safetensors
+from .keymaps import OPENCLIP_PREFIX, UNET_PREFIX, clip_keymap, openclip_keymap, unet_keymap, vae_keymap
+from .models import build_empty, cast, load_state, load_text_encoder_state, text_encoder_state
+
+SHIPPED_CONFIGS = resources.files("latentdiff") / "configs"  # sd1/, sd2/: the published SD 1.5 / 2.1 configs
+CONFIG_FILES = {
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+# UNet config entries that tell SD 1.x/2.x apart from other architectures in the same layout
+_ARCHITECTURE = (
+    "in_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+    "attention_head_dim", "cross_attention_dim", "use_linear_projection",
+)
+
+
+def _read_json(root, name: str) -> dict:
+    return json.loads((root / CONFIG_FILES[name]).read_text())
+
+
+def _detect_layout(path, state_dict) -> str:
+    """"sd1" (OpenAI CLIP text encoder) or "sd2" (OpenCLIP), from the key names."""
+    if not any(k.startswith(UNET_PREFIX) for k in state_dict):
+        raise CheckpointError(
+            f"{path} does not look like a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* keys)."
+        )
+    if any(k.startswith("cond_stage_model.transformer.") for k in state_dict):
+        return "sd1"
+    if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict):
+        return "sd2"
+    raise CheckpointError(
+        f"{path} has no text encoder weights (expected cond_stage_model.transformer.* for SD 1.x "
+        "or cond_stage_model.model.* for SD 2.x)."
+    )
+
+
+def _component_configs(path, layout: str, config_dir) -> dict[str, dict]:
+    """From config_dir, else from our exporter's metadata, else the shipped configs of the layout.
+
+    Only the scheduler config may be absent from the first two; the shipped one fills in.
+    """
+    if config_dir is not None:
+        root = Path(config_dir)
+        absent = [CONFIG_FILES[n] for n in ("unet", "vae", "text_encoder") if not (root / CONFIG_FILES[n]).is_file()]
+        if absent:
+            raise CheckpointError(f"{root} has no {', '.join(absent)} (expected a diffusers-format model folder).")
+        configs = {n: _read_json(root, n) for n in CONFIG_FILES if (root / CONFIG_FILES[n]).is_file()}
+    else:
+        configs = read_metadata_config(path) or {}
+    for name in CONFIG_FILES:
+        if name not in configs:
+            configs[name] = _read_json(SHIPPED_CONFIGS / layout, name)
+    return configs
+
+
+def _schedule(scheduler_config: dict, unet_config: dict, layout: str, prediction_type: str | None) -> ScheduleConfig:
+    schedule = ScheduleConfig.from_diffusers(scheduler_config)
+    if prediction_type is None and "prediction_type" not in scheduler_config:
+        # SD 2.x 768-px models (latent size 96) predict v; the 512-px base models predict ε
+        prediction_type = "v_prediction" if layout == "sd2" and unet_config.get("sample_size") == 96 else "epsilon"
+    return dataclasses.replace(schedule, prediction_type=prediction_type) if prediction_type else schedule
+
+
+def _version(layout: str, unet_config: dict) -> str:
+    shipped = _read_json(SHIPPED_CONFIGS / layout, "unet")
+    return layout if all(unet_config.get(k) == shipped.get(k) for k in _ARCHITECTURE) else "custom"
+
+
+def _tokenizer(config_dir, layout: str):
+    if config_dir is not None and (Path(config_dir) / "tokenizer").is_dir():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(os.fspath(Path(config_dir) / "tokenizer"))
+    settings = json.loads((SHIPPED_CONFIGS / layout / "tokenizer_config.json").read_text())
+    return build_clip_tokenizer(**settings)
+
+
+def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, torch_dtype: torch.dtype | None = None) -> dict:
+    """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
+
+    Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
+    when the UNet has the standard SD 1.x/2.x architecture, else "custom". Weights load in
+    `torch_dtype` (default float32).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # 1. read the weights and tell SD 1.x from SD 2.x by the text encoder's layout
+    state_dict = read_state_dict(path)
+    layout = _detect_layout(path, state_dict)
+    configs = _component_configs(path, layout, config_dir)
+    dtype = torch_dtype or torch.float32
+
+    # 2. empty models from the configs
+    unet = build_empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))
+    vae = build_empty(lambda: AutoencoderKL.from_config(configs["vae"]))
+    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
+    text_encoder = build_empty(lambda: CLIPTextModel(text_config))
+    text_map = clip_keymap() if layout == "sd1" else openclip_keymap(text_config.num_hidden_layers)
+
+    # 3. original keys -> diffusers keys, loaded strictly into the empty models
+    try:
+        for model, keymap in ((unet, unet_keymap(unet.config)), (vae, vae_keymap(vae.config))):
+            load_state(model, cast(keymap.from_original(state_dict, model.state_dict()), dtype), keymap.name)
+        load_text_encoder_state(text_encoder, cast(text_map.from_original(state_dict, text_encoder_state(text_encoder)), dtype))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": _tokenizer(config_dir, layout),
+        "schedule": _schedule(configs["scheduler"], configs["unet"], layout, prediction_type),
+        "version": _version(layout, configs["unet"]),
+    }
+
+
+def save_single_file(path, unet, vae, text_encoder, *, dtype: torch.dtype | None = None, schedule: ScheduleConfig | None = None) -> None:
+    """Write the models as one original-layout .safetensors, with their configs in the header.
+
+    The text encoder is written in the SD 2.x OpenCLIP layout when it uses gelu (OpenCLIP ViT-H), else in
+    the SD 1.x layout (OpenAI CLIP, quick_gelu). An SD 2.x encoder is written with the layers it has.
+    """
+    if text_encoder.config.hidden_act == "gelu":
+        text_map = openclip_keymap(text_encoder.config.num_hidden_layers)
+    else:
+        text_map = clip_keymap()
+    state_dict = {
+        **unet_keymap(unet.config).to_original(unet.state_dict()),
+        **vae_keymap(vae.config).to_original(vae.state_dict()),
+        **text_map.to_original(text_encoder_state(text_encoder)),
+    }
+    configs = {
+        "unet": {k: v for k, v in unet.config.items() if not k.startswith("_")},
+        "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
+        "text_encoder": text_encoder.config.to_dict(),
+    }
+    if schedule is not None:
+        configs["scheduler"] = schedule.to_diffusers()
+    write_safetensors(path, cast(state_dict, dtype), configs)

@@ -1,0 +1,177 @@
+"""Text-to-image training with accelerate: fine-tune (full or LoRA) or train from component configs.
+
+    image ─VAE enc (or latent cache)─> x_0 · scaling_factor ──┐  t ~ U{0..T−1}, ε ~ N(0, I)
+    caption ─(dropout → "")─> ids ─text encoder─> context ────┤  x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+                                                                └─> UNet(x_t, t, context) ≈ ε or v
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentdiff import text
+from latentdiff.data import (CachedLatentDataset, CaptionedImageDataset, LatentCache, collate_skip_none,
+                             sample_latents, scan_captioned_images)
+from latentdiff.guidance import drop_captions
+from latentdiff.schedulers import schedules
+from latentdiff.training import lora
+from latentdiff.training.config import ConfigError, TrainConfig
+from latentdiff.training.ema import EMA
+from latentdiff.training.losses import diffusion_loss, offset_noise
+from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
+                                     make_optimizer, resolve_resume, train_loop)
+from latentdiff.training.validation import validation_grid
+
+logger = logging.getLogger(__name__)
+
+
+class Denoiser(nn.Module):
+    """Text encoder + UNet as one module: one DDP wrapper, one accumulate context, one checkpointed model."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t, t, input_ids):  # (B, C, h, w), (B,), (B, 77) → (B, C, h, w)
+        context = text.encode(self.text_encoder, input_ids)  # (B, 77, D)
+        return self.unet(x_t, t, encoder_hidden_states=context).sample
+
+
+def load_model(config: TrainConfig):
+    """The starting pipeline on the CPU in float32: pretrained, or random from component configs."""
+    from diffusers import AutoencoderKL
+
+    from latentdiff.pipeline import LatentDiffusionPipeline, load_pipeline
+
+    source = config.model or config.model_config
+    try:
+        if config.model is not None:
+            pipe = load_pipeline(config.model, device="cpu", precision="fp32")
+        else:
+            pipe = LatentDiffusionPipeline.from_config(config.model_config, seed=config.seed)
+        if config.vae is not None:
+            pipe.vae = AutoencoderKL.from_pretrained(config.vae)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load the model from {source}: {str(e).rstrip('.')}.") from None
+    if config.prediction_type is not None:
+        pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type=config.prediction_type)
+    return pipe
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) one training; returns the saved model folder (or LoRA file)."""
+    # 1. Everything that can fail on bad input, before anything is written
+    items = scan_captioned_images(config.data, allow_missing_captions=config.allow_missing_captions)
+    accelerator = make_accelerator(config)
+    pipe = load_model(config)
+    sampler = ShardedEpochSampler(len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    if config.cache_latents and not config.center_crop:
+        raise ConfigError("latent caching needs center_crop; pass --no-cache-latents to train with random crops.")
+    resume_from = resolve_resume(config)
+    device = accelerator.device
+
+    # 2. Models: what is trained gets gradients; the VAE is always frozen
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval()
+    if config.lora_rank:
+        lora.add_lora(unet, text_encoder if config.lora_text_encoder else None, config.lora_rank, config.lora_alpha)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(config.train_text_encoder)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder or config.lora_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    model = Denoiser(unet, text_encoder).train()
+    vae.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMA(params, config.ema_decay) if config.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # 3. Data: cached VAE posteriors, or pixels encoded on the fly
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    if config.cache_latents:
+        cache = LatentCache(Path(config.output_dir) / "latent_cache", vae, config.resolution, config.center_crop, config.random_flip)
+        with accelerator.main_process_first():  # the main process encodes; the others then find every entry
+            cache.build(items, config.batch_size, device, vae.dtype, progress=accelerator.is_main_process)
+        dataset = CachedLatentDataset(cache, items, seed=config.seed)
+    else:
+        dataset = CaptionedImageDataset(items, config.resolution, center_crop=config.center_crop,
+                                        random_flip=config.random_flip, seed=config.seed)
+    start_step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    if resume_from:
+        logger.info("resumed from %s at step %d", resume_from, start_step)
+    sampler.start = start_step * config.gradient_accumulation
+    loader = make_loader(dataset, sampler, config.num_workers, collate_skip_none)
+
+    # 4. The objective
+    alphas_cumprod = schedules.alphas_cumprod(pipe.schedule).to(device)  # ᾱ_t, (T,)
+    T = pipe.schedule.num_train_timesteps
+    scaling = vae.config.scaling_factor
+
+    def loss_fn(batch, gen: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            if "latent_dist" in batch:
+                x0 = sample_latents(batch["latent_dist"], gen)  # (B, C, h, w), unscaled
+            else:
+                x0 = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(gen)
+            x0 = (x0 * scaling).to(device, torch.float32)
+        noise = offset_noise(tuple(x0.shape), config.noise_offset, gen).to(device)
+        t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
+        x_t = schedules.add_noise(x0, noise, t, alphas_cumprod)
+        ids = text.tokenize(pipe.tokenizer, drop_captions(batch["text"], config.caption_dropout, gen)).to(device)
+        pred = model(x_t, t, ids)
+        return diffusion_loss(pred, x0, noise, t, alphas_cumprod, pipe.schedule.prediction_type, config.snr_gamma)
+
+    def validate(step: int) -> None:
+        if not config.validation_prompts or not accelerator.is_main_process:
+            return
+        model.eval()
+        with (ema.swapped() if ema else contextlib.nullcontext()), accelerator.autocast():
+            validation_grid(pipe, config.validation_prompts, config.validation_seeds, config.validation_steps,
+                            config.validation_guidance, Path(config.output_dir) / "validation" / f"step-{step:06d}.png")
+        model.train()
+
+    def on_step(step: int) -> None:
+        if ema is not None:
+            ema.update()
+        if config.validation_every and step % config.validation_every == 0 and step < config.max_steps:
+            validate(step)
+            accelerator.wait_for_everyone()
+
+    # 5. Train
+    missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn, on_step, "train")
+
+    # 6. Save: the EMA weights when kept, as a diffusers folder (or a LoRA file)
+    out = Path(config.output_dir) / ("pytorch_lora_weights.safetensors" if config.lora_rank else "model")
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to_model()
+        validate(config.max_steps)
+        if config.lora_rank:
+            lora.save_lora(out, unet, text_encoder if config.lora_text_encoder else None)
+        else:
+            pipe.save_pretrained(out)
+            if config.export_single_file:
+                from latentdiff.checkpoints import save_single_file
+
+                save_single_file(Path(config.output_dir) / "model.safetensors", unet, vae, text_encoder, schedule=pipe.schedule)
+        _summary(config, items, missing, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _summary(config: TrainConfig, items, missing: list[int], out: Path) -> None:
+    print(f"trained {config.max_steps} steps; saved {out}")
+    if missing:
+        names = ", ".join(str(items[i][0]) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
+        print(f"skipped {len(missing)} unreadable image(s): {names}")

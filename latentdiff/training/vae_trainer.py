@@ -1,0 +1,101 @@
+"""AutoencoderKL from scratch (for the shipped default model): reconstruction + β·KL, then scaling_factor.
+
+LDM trains the UNet on z·s with s = 1/std(z) (Rombach et al. 2022, sec. G), so latents have unit
+variance and the noise schedule means what it says; we measure std(z) over the data at the end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentdiff.data import CaptionedImageDataset, collate_skip_none, scan_captioned_images
+from latentdiff.training.config import ConfigError, VAETrainConfig
+from latentdiff.training.losses import vae_loss
+from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
+                                     make_optimizer, resolve_resume, train_loop)
+
+
+class Autoencoder(nn.Module):
+    """Encode → sample z → decode in one forward, so DDP sees the whole graph; returns (x̂, posterior)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, generator):  # (B, 3, H, W) → (B, 3, H, W)
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample(generator)).sample, posterior
+
+
+def load_vae(config: VAETrainConfig):
+    from diffusers import AutoencoderKL
+
+    path = Path(config.model_config)
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    try:
+        torch.manual_seed(config.seed)
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read an AutoencoderKL config from {config.model_config}: {str(e).rstrip('.')}.") from None
+
+
+def train_vae(config: VAETrainConfig) -> Path:
+    """Train, set scaling_factor, save a diffusers AutoencoderKL folder at output_dir/vae."""
+    items = scan_captioned_images(config.data, allow_missing_captions=True)  # captions are not used
+    accelerator = make_accelerator(config)
+    vae = load_vae(config)
+    sampler = ShardedEpochSampler(len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    resume_from = resolve_resume(config)
+    device = accelerator.device
+
+    model = Autoencoder(vae).train()
+    params = list(model.parameters())
+    optimizer = make_optimizer(params, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    dataset = CaptionedImageDataset(items, config.resolution, center_crop=config.center_crop,
+                                    random_flip=config.random_flip, seed=config.seed)
+    start_step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    sampler.start = start_step * config.gradient_accumulation
+    loader = make_loader(dataset, sampler, config.num_workers, collate_skip_none)
+
+    def loss_fn(batch, gen):
+        x = batch["pixel_values"].to(device)
+        recon, posterior = model(x, gen)
+        return vae_loss(recon, x, posterior, config.kl_weight, config.reconstruction)[0]
+
+    train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn, lambda step: None, "train-vae")
+
+    out = Path(config.output_dir) / "vae"
+    if accelerator.is_main_process:
+        std = latent_std(vae, dataset, config.scale_samples, config.batch_size, device, config.seed)
+        vae.register_to_config(scaling_factor=1.0 / std)
+        _save_atomic(vae, out)
+        print(f"trained {config.max_steps} steps; latent std {std:.4f} → scaling_factor {1 / std:.5f}; saved {out}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def latent_std(vae, dataset, n: int, batch_size: int, device, seed: int) -> float:
+    """std of posterior samples z over (up to) the first n images: the number scaling_factor undoes."""
+    vae.eval()
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(n, len(dataset)))),
+                                         batch_size=batch_size, collate_fn=collate_skip_none)
+    latents = [vae.encode(b["pixel_values"].to(device)).latent_dist.sample(gen).float().cpu() for b in loader if b is not None]
+    return torch.cat(latents).std().item()
+
+
+def _save_atomic(vae, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,160 @@
+"""Trainer tests on tiny models (32 px shapes, 8×8×4 latents, UNet (32, 64)): behaviour, not speed."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentdiff.training import main, vae_main
+from latentdiff.training.config import ConfigError, TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 16, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+    "sample_size": 32,
+}
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "block_out_channels": [32, 64], "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+TINY_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+}
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    from latentdiff.data import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, 64, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_model")
+    for sub, cfg in (("vae", TINY_VAE), ("unet", TINY_UNET), ("text_encoder", TINY_TEXT)):
+        (root / sub).mkdir()
+        (root / sub / "config.json").write_text(json.dumps(cfg))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        (REPO / "configs/shapes_model/scheduler/scheduler_config.json").read_text())
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory, shapes, tiny_config) -> Path:
+    out = tmp_path_factory.mktemp("vae_run")
+    assert vae_main(["--model-config", str(tiny_config), "--data", str(shapes), "--output-dir", str(out),
+                     "--resolution", "32", "--batch-size", "16", "--max-steps", "4", "--num-workers", "0",
+                     "--checkpoint-every", "0", "--scale-samples", "32"]) == 0
+    return out / "vae"
+
+
+def unet_args(shapes, tiny_config, tiny_vae, out, *extra) -> list[str]:
+    return ["--model-config", str(tiny_config), "--vae", str(tiny_vae), "--data", str(shapes), "--output-dir", str(out),
+            "--resolution", "32", "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--lr", "1e-3",
+            "--checkpoint-every", "0", *extra]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------- milestone 1
+
+
+def test_vae_run_sets_scaling_factor(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    assert vae.config.scaling_factor != 1.0 and 0.01 < vae.config.scaling_factor < 100
+    assert read_log(tiny_vae.parent)[-1]["step"] == 4
+
+
+def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_vae, tmp_path):
+    from PIL import Image
+
+    from latentdiff.pipeline import load_pipeline
+
+    out = tmp_path / "run"
+    args = unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "20", "--train-text-encoder",
+                     "--ema-decay", "0.9", "--validation-prompts", "a red circle on a white background",
+                     "--validation-seeds", "0", "1", "--validation-steps", "2", "--validation-every", "10",
+                     "--checkpoint-every", "10", "--keep-checkpoints", "1")
+    assert main(args) == 0
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert all(set(r) >= {"loss", "lr", "images_per_s"} for r in log)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000020"]  # keep-last-1
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000010.png", "step-000020.png"]
+    grid = Image.open(out / "validation" / "step-000020.png")
+    assert grid.width == 2 * 128  # two seeds, cells upscaled to 128 px
+    pipe = load_pipeline(out / "model", device="cpu", precision="fp32")
+    assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((tiny_vae / "config.json").read_text())["scaling_factor"])
+    image = pipe(["a red circle on a white background"], num_inference_steps=2, seed=[0], output_type="numpy", progress=False).images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_shipped_configs_parse_and_build(tmp_path):
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    for name, sub in (("shapes_unet.yaml", "train"), ("shapes_vae.yaml", "vae")):
+        from latentdiff.training.config import VAETrainConfig
+
+        cls = TrainConfig if sub == "train" else VAETrainConfig
+        overrides = ["--data", str(tmp_path), "--model-config", str(REPO / "configs/shapes_model")]
+        if sub == "train":
+            overrides += ["--vae", str(tmp_path)]
+        config = parse_config(cls, ["--config", str(REPO / "configs" / name), *overrides], "t")
+        assert config.resolution == 64
+    pipe = LatentDiffusionPipeline.from_config(REPO / "configs/shapes_model")
+    x = torch.zeros(1, 4, 16, 16)
+    assert pipe.vae.decode(x).sample.shape == (1, 3, 64, 64)
+    assert pipe.unet(x, 10, encoder_hidden_states=torch.zeros(1, 77, 128)).sample.shape == (1, 4, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mixed-precision", "fp8"], "mixed_precision 'fp8' is not supported"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--bogus", "1"], "unrecognized arguments"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--resume", "/nonexistent"], "no such checkpoint folder"),
+    (["--batch-size", "100"], "fewer than one global batch"),
+])
+def test_bad_flags_exit_2_before_writing(shapes, tiny_config, tiny_vae, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_yaml_and_data_exit_2(shapes, tiny_config, tiny_vae, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: eight\n")
+    assert main(["--config", str(cfg), *unet_args(shapes, tiny_config, tiny_vae, tmp_path / "o")]) == 2
+    assert "option 'batch_size'" in capsys.readouterr().err
+    cfg.write_text("learning_rate: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(unet_args(empty, tiny_config, tiny_vae, tmp_path / "o")) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from ..pngmeta import atomic_write_bytes
 from .datasets import UNREADABLE, augmentation_rng, load_pixels
 
 logger = logging.getLogger(__name__)
@@ -114,15 +114,9 @@ class LatentCache:
                 tensors = {"params": params[i].contiguous()}
                 if self.random_flip:
                     tensors["flipped"] = params[len(paths) + i].contiguous()
-                self._save(self.path_for(path), tensors)
+                atomic_write_bytes(self.path_for(path), save(tensors))
                 encoded += 1
         return encoded
-
-    @staticmethod
-    def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):

@@ -9,15 +9,17 @@ Small enough to train a text-to-image model on a CPU in minutes, and judged by p
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..pngmeta import atomic_write_bytes
 
 # Saturated and far apart in RGB, so the pixel judge can name a color after VAE round trips.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -147,12 +149,6 @@ def _check_args(n, size, colors, shapes, pairs) -> None:
         raise ValueError("every (color, shape) pair is held out: nothing to generate.")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes=SHAPES,
                 holdout=HOLDOUT, include_holdout=False) -> int:
     """Write `n` images + metadata.jsonl (diffusers imagefolder layout) to `outdir`; returns n.
@@ -173,9 +169,11 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
         background = backgrounds[rng.integers(len(backgrounds))]
         image = render(color, shape, background, rng, size=size, colors=colors)
         name = f"{i:05d}.png"
-        _write_atomic(outdir / name, lambda tmp: image.save(tmp, format="PNG"))
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        atomic_write_bytes(outdir / name, png.getvalue())
         lines.append(json.dumps({"file_name": name, "text": caption(color, shape, background)}) + "\n")
-    _write_atomic(outdir / "metadata.jsonl", lambda tmp: tmp.write_text("".join(lines)))
+    atomic_write_bytes(outdir / "metadata.jsonl", "".join(lines).encode())
     return n
 
 

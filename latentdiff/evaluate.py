@@ -1,0 +1,299 @@
+"""Does the model draw what the prompt says? A pixel-only judge for the shapes dataset.
+
+judge() names an image's background color, foreground color and shape with plain numpy geometry
+(no learned model, so the score cannot share a model's blind spots). evaluate() runs every caption
+of the shapes grammar through a pipeline and reports accuracies, split into (color, shape) pairs
+seen in training and held out of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPES, STAR_INNER_RATIO, Prompt, all_prompts,
+                          caption)
+from .pngmeta import atomic_write_bytes
+
+# Rotation-invariant features (solidity, fill) of each ideal shape, from its geometry:
+# solidity = area / convex-hull area; fill = area / (pi r_max^2), r_max the farthest point from the centroid.
+# Star (outer R, inner qR): area 5 q R^2 sin 36deg, hull the pentagon 5/2 R^2 sin 72deg.
+# Cross (reach b, arm half-width a = k b): area 8ab - 4a^2, hull the octagon 4b^2 - 2(b - a)^2, r_max^2 = a^2 + b^2.
+_q, _k = STAR_INNER_RATIO, CROSS_ARM_RATIO
+SHAPE_FEATURES = {
+    "circle": (1.0, 1.0),
+    "square": (1.0, 2 / math.pi),  # 0.64
+    "triangle": (1.0, 3 * math.sqrt(3) / (4 * math.pi)),  # 0.41
+    "star": (2 * _q * math.sin(math.radians(36)) / math.sin(math.radians(72)),  # 0.49
+             5 * _q * math.sin(math.radians(36)) / math.pi),  # 0.37
+    "cross": ((8 * _k - 4 * _k ** 2) / (4 - 2 * (1 - _k) ** 2),  # 0.68
+              (8 * _k - 4 * _k ** 2) / (math.pi * (1 + _k ** 2))),  # 0.60
+}
+
+MIN_FOREGROUND = 0.005  # fraction of the image: less than this is noise, not a shape
+
+
+def _nearest(rgb, colors: dict, exclude=None) -> str:
+    names = [n for n in colors if n != exclude] or list(colors)
+    dist = [np.sum((np.asarray(colors[n], float) - rgb) ** 2) for n in names]
+    return names[int(np.argmin(dist))]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected region: every pixel repeatedly takes its neighbours' largest label."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        p = np.pad(labels, 1)
+        spread = np.maximum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        spread = np.where(mask, spread, 0)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    ids, counts = np.unique(labels[mask], return_counts=True)
+    return labels == ids[np.argmax(counts)]
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull (Andrew's monotone chain + shoelace) of (N, 2) points."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        chain = []
+        for p in seq:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = np.array(half(pts) + half(reversed(pts)), float)
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float]:
+    """(solidity, fill) of a boolean mask, both rotation invariant; see SHAPE_FEATURES."""
+    ys, xs = np.nonzero(mask)
+    area = float(len(xs))
+    # Pixels are unit squares, so the hull and r_max are over their corners; only each row's
+    # outermost pixels can reach the hull (and the farthest point lies on it).
+    rows = np.unique(ys)
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
+    corners = np.concatenate([np.stack([x + dx, rows + dy], 1)
+                              for x, dx in ((left, -0.5), (right, 0.5)) for dy in (-0.5, 0.5)])
+    solidity = area / max(_hull_area(corners), 1.0)
+    r_max = np.sqrt(((corners - [xs.mean(), ys.mean()]) ** 2).sum(1)).max()
+    return solidity, area / (math.pi * r_max ** 2)
+
+
+def judge(image: np.ndarray, colors=COLORS, shapes=SHAPES) -> dict:
+    """{"background", "foreground", "shape"} of an (H, W, 3) uint8 image; None where nothing is found.
+
+    Background: median border pixel. Foreground: median color of the pixels farthest from the
+    background; the shape is the largest region closer to that color than to the background's,
+    named by its nearest SHAPE_FEATURES entry among `shapes`.
+    """
+    rgb = np.asarray(image, float)[..., :3]
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(bg_rgb, colors)
+    # pixels at least halfway from the background to the nearest other palette color
+    others = [np.asarray(c, float) for n, c in colors.items() if n != background]
+    gap = min(np.linalg.norm(c - bg_rgb) for c in others) if others else 128.0
+    distance = np.linalg.norm(rgb - bg_rgb, axis=-1)
+    coarse = distance > gap / 2
+    if coarse.mean() < MIN_FOREGROUND:
+        return {"background": background, "foreground": None, "shape": None}
+    # the shape's color from its core: thin parts (star tips) are mostly edge pixels mixed with the background
+    core = coarse & (distance >= np.median(distance[coarse]))
+    fg_rgb = np.median(rgb[core], axis=0)
+    foreground = _nearest(fg_rgb, colors, exclude=background)
+    # anti-aliased edge pixels count when closer to the shape's color: the area stays unbiased
+    mask = np.linalg.norm(rgb - fg_rgb, axis=-1) < np.linalg.norm(rgb - bg_rgb, axis=-1)
+    if not mask.any():
+        return {"background": background, "foreground": foreground, "shape": None}
+    features = np.array(shape_features(_largest_component(mask)))
+    shape = min(shapes, key=lambda s: np.sum((features - SHAPE_FEATURES[s]) ** 2))
+    return {"background": background, "foreground": foreground, "shape": shape}
+
+
+# --- running a pipeline over the grammar --------------------------------------------------------
+
+SWEEP_SAMPLERS = ("ddim", "dpmpp_2m", "euler")
+SWEEP_STEPS = (10, 20, 50)
+_FIELDS = {"background": "background", "foreground": "color", "shape": "shape"}  # verdict key -> Prompt field
+
+
+def image_seed(seed: int, prompt_index: int, k: int) -> int:
+    """Seed of image k of prompt `prompt_index` (its place in all_prompts()): independent of
+    n_per_prompt, batch size and whether held-out prompts are included."""
+    return int(np.random.SeedSequence([seed, prompt_index, k]).generate_state(1)[0])
+
+
+def _generate(pipe, jobs, *, sampler, steps, guidance_scale, batch_size, progress=False):
+    """Images for (Prompt, seed) jobs, batch by batch (each image has its own seed)."""
+    for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="eval batches"):
+        batch = jobs[start:start + batch_size]
+        out = pipe([p.text for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   seed=[s for _, s in batch], sampler=sampler, output_type="numpy", progress=False)
+        yield from out.images
+
+
+def _correct(prompt: Prompt, verdict: dict) -> dict[str, bool]:
+    right = {key: verdict[key] == getattr(prompt, attr) for key, attr in _FIELDS.items()}
+    right["all"] = all(right.values())
+    return right
+
+
+def _accuracies(rows: list[dict[str, bool]]) -> dict | None:
+    if not rows:
+        return None
+    return {key: sum(r[key] for r in rows) / len(rows) for key in (*_FIELDS, "all")} | {"n": len(rows)}
+
+
+def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batch_size=32,
+             include_holdout=True, progress=False) -> dict:
+    """Accuracy of `pipe` on every shapes caption, n_per_prompt images each (JSON-able dict).
+
+    "all" counts images with background, foreground color and shape all right; "seen" and
+    "held_out" split by whether the (color, shape) pair was in the training set.
+    """
+    jobs = [(p, image_seed(seed, i, k)) for i, p in enumerate(all_prompts())
+            if include_holdout or not p.held_out for k in range(n_per_prompt)]
+    images = _generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                       batch_size=batch_size, progress=progress)
+    rows = [(p, _correct(p, judge(image))) for (p, _), image in zip(jobs, images)]
+    return {
+        "settings": {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+                     "n_per_prompt": n_per_prompt, "include_holdout": include_holdout,
+                     "holdout": [f"{color} {shape}" for color, shape in HOLDOUT]},
+        "overall": _accuracies([r for _, r in rows]),
+        "seen": _accuracies([r for p, r in rows if not p.held_out]),
+        "held_out": _accuracies([r for p, r in rows if p.held_out]),
+    }
+
+
+def sample_grid(pipe, *, sampler, steps, guidance_scale, seed=0, batch_size=32) -> Image.Image:
+    """One image per (color, shape) on the next palette color: colors across, shapes down.
+
+    The images are evaluate()'s first sample of each caption; each is labelled with its prompt,
+    framed green when the judge finds all three right, red otherwise; held-out pairs are starred.
+    """
+    by_text = {p.text: (i, p) for i, p in enumerate(all_prompts())}
+    names = list(COLORS)
+    chosen = [by_text[caption(c, s, names[(j + 1) % len(names)])] for s in SHAPES for j, c in enumerate(names)]
+    jobs = [(p, image_seed(seed, i, 0)) for i, p in chosen]
+    images = list(_generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                            batch_size=batch_size))
+    font = ImageFont.load_default()
+    scale = max(1, 128 // images[0].shape[1])  # small samples are enlarged (nearest) to be readable
+    tile = images[0].shape[1] * scale
+    frame, gap, label_h = 3, 2, 30  # a white gap keeps the verdict frame visible on any background
+    pad = frame + gap
+    cell_w, cell_h = max(tile + 2 * pad + 4, 130), tile + 2 * pad + label_h
+    grid = Image.new("RGB", (cell_w * len(names), cell_h * len(SHAPES)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, ((prompt, _), image) in enumerate(zip(jobs, images)):
+        left, y0 = (n % len(names)) * cell_w, (n // len(names)) * cell_h
+        x0 = left + (cell_w - tile) // 2
+        ok = _correct(prompt, judge(image))["all"]
+        draw.rectangle((x0 - pad, y0, x0 + tile + pad - 1, y0 + tile + 2 * pad - 1),
+                       outline=(40, 170, 60) if ok else (210, 40, 40), width=frame)
+        grid.paste(Image.fromarray(image).resize((tile, tile), Image.Resampling.NEAREST), (x0, y0 + pad))
+        lines = [f"a {prompt.color} {prompt.shape}" + (" *" if prompt.held_out else ""),
+                 f"on a {prompt.background} background"]
+        for k, line in enumerate(lines):
+            width = draw.textlength(line, font=font)
+            draw.text((left + (cell_w - width) / 2, y0 + tile + 2 * pad + 2 + 13 * k),
+                      line, fill="black", font=font)
+    return grid
+
+
+def sweep_table(results: list[dict]) -> str:
+    """Markdown: accuracy by sampler x steps, all-three-correct split into seen and held out."""
+    lines = ["| sampler | steps | background | foreground | shape | all (seen) | all (held out) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        s, o = r["settings"], r["overall"]
+        held = f"{r['held_out']['all']:.1%}" if r["held_out"] else "-"
+        lines.append(f"| {s['sampler']} | {s['steps']} | {o['background']:.1%} | {o['foreground']:.1%} | "
+                     f"{o['shape']:.1%} | {r['seen']['all']:.1%} | {held} |")
+    return "\n".join(lines)
+
+
+def _check_output(parser, path: str | None) -> None:
+    if path is not None and (Path(path).is_dir() or not Path(path).resolve().parent.is_dir()):
+        parser.error(f"cannot write {path}: expected a file name in an existing folder.")
+
+
+def eval_shapes_main(argv: list[str]) -> int:
+    """`latentdiff eval-shapes`: judge a model on every shapes caption; print (and save) the JSON."""
+    from .precision import PRECISIONS
+    from .schedulers import SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="latentdiff eval-shapes", description=eval_shapes_main.__doc__)
+    parser.add_argument("--model", help="model folder or file (default: the shipped model)")
+    parser.add_argument("--n-per-prompt", type=int, required=True, help="images per caption (224 captions)")
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-holdout", action="store_true", help="skip the held-out (color, shape) captions")
+    parser.add_argument("--device", default=None, help="torch device (default: the pipeline's choice)")
+    parser.add_argument("--precision", default="auto", help=f"one of {', '.join(PRECISIONS)}")
+    parser.add_argument("--out", help="write the JSON here")
+    parser.add_argument("--grid", help="write a labelled sample grid PNG here")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"samplers {','.join(SWEEP_SAMPLERS)} x steps {','.join(map(str, SWEEP_STEPS))}: "
+                             "print a markdown table")
+    args = parser.parse_args(argv)
+    for name, value in (("--n-per-prompt", args.n_per_prompt), ("--steps", args.steps),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{name} must be at least 1, got {value}.")
+    if args.sampler not in SAMPLERS:
+        parser.error(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(sorted(SAMPLERS))}.")
+    if args.precision not in PRECISIONS:
+        parser.error(f"unknown precision {args.precision!r}; expected one of: {', '.join(PRECISIONS)}.")
+    if args.model is not None and not Path(args.model).exists():
+        parser.error(f"model path {args.model} does not exist.")
+    _check_output(parser, args.out)
+    _check_output(parser, args.grid)
+
+    from .pipeline import ModelError, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, device=args.device, precision=args.precision)
+    except ModelError as err:
+        print(f"latentdiff eval-shapes: error: {err}", file=sys.stderr)
+        return 2
+    common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed,
+                  batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True)
+    if args.sweep:
+        result = [evaluate(pipe, sampler=sampler, steps=steps, **common)
+                  for sampler in SWEEP_SAMPLERS for steps in SWEEP_STEPS]
+        print(sweep_table(result))
+    else:
+        result = evaluate(pipe, sampler=args.sampler, steps=args.steps, **common)
+        print(json.dumps(result, indent=2))
+    if args.out:
+        atomic_write_bytes(Path(args.out), (json.dumps(result, indent=2) + "\n").encode())
+    if args.grid:
+        grid = sample_grid(pipe, sampler=args.sampler, steps=args.steps, guidance_scale=args.scale,
+                           seed=args.seed, batch_size=args.batch_size)
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        atomic_write_bytes(Path(args.grid), buffer.getvalue())
+    return 0

@@ -1,0 +1,149 @@
+"""The pixel judge on the generator's own images, and the eval-shapes driver on a stand-in pipeline."""
+
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff import evaluate as ev
+from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, parse_caption, render
+
+
+def _judge_accuracy(folder, shapes):
+    right = {"background": 0, "foreground": 0, "shape": 0}
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    for row in rows:
+        color, shape, background = parse_caption(row["text"])
+        verdict = ev.judge(np.asarray(Image.open(folder / row["file_name"])), shapes=shapes)
+        right["background"] += verdict["background"] == background
+        right["foreground"] += verdict["foreground"] == color
+        right["shape"] += verdict["shape"] == shape
+    return {key: n / len(rows) for key, n in right.items()}
+
+
+def test_judge_is_right_on_generated_images(tmp_path):
+    make_shapes(tmp_path, 300, seed=11, include_holdout=True)
+    accuracy = _judge_accuracy(tmp_path, SHAPES)
+    assert min(accuracy.values()) >= 0.99, accuracy
+
+
+def test_judge_tells_the_cross_from_the_star(tmp_path):
+    shapes = ("star", "cross", "square")
+    make_shapes(tmp_path, 100, seed=12, shapes=shapes)
+    accuracy = _judge_accuracy(tmp_path, shapes)
+    assert accuracy["shape"] >= 0.99, accuracy
+
+
+@pytest.mark.parametrize("image", [
+    np.full((64, 64, 3), 255, np.uint8),  # nothing drawn
+    np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8),  # noise
+    np.concatenate([np.zeros((32, 64, 3), np.uint8), np.full((32, 64, 3), 255, np.uint8)]),  # half and half
+    np.full((8, 8, 4), 90, np.uint8),  # tiny, RGBA, off-palette
+])
+def test_judge_survives_ambiguous_images(image):
+    verdict = ev.judge(image)
+    assert set(verdict) == {"background", "foreground", "shape"}
+    assert verdict["background"] in COLORS
+
+
+def test_judge_says_none_when_nothing_is_drawn():
+    assert ev.judge(np.zeros((32, 32, 3), np.uint8)) == {"background": "black", "foreground": None, "shape": None}
+
+
+class FakePipe:
+    """Stands in for a perfect model (draws what the caption says) or a shape-blind one."""
+
+    def __init__(self, force_shape=None):
+        self.force_shape = force_shape
+        self.calls = []
+
+    def __call__(self, prompts, *, num_inference_steps, guidance_scale, seed, sampler, output_type, progress):
+        assert output_type == "numpy" and len(seed) == len(prompts)
+        self.calls.append((list(prompts), list(seed)))
+        images = []
+        for text, s in zip(prompts, seed):
+            color, shape, background = parse_caption(text)
+            images.append(np.asarray(render(color, self.force_shape or shape, background, np.random.default_rng(s))))
+        return SimpleNamespace(images=np.stack(images))
+
+
+def test_evaluate_scores_a_perfect_and_a_shape_blind_model():
+    perfect = ev.evaluate(FakePipe(), n_per_prompt=1, sampler="ddim", steps=10, guidance_scale=3.0, batch_size=50)
+    assert perfect["overall"] == {"background": 1.0, "foreground": 1.0, "shape": 1.0, "all": 1.0, "n": 224}
+    assert perfect["seen"]["n"] == 196 and perfect["held_out"]["n"] == 28
+    assert perfect["settings"]["sampler"] == "ddim"
+    json.dumps(perfect)
+
+    blind = ev.evaluate(FakePipe("circle"), n_per_prompt=1, sampler="ddim", steps=10, guidance_scale=3.0,
+                        include_holdout=False)
+    assert blind["held_out"] is None
+    assert blind["overall"]["shape"] == pytest.approx(blind["seen"]["shape"])
+    assert blind["overall"]["shape"] == pytest.approx(sum(p == "circle" for p in _seen_shapes()) / 196)
+    assert blind["overall"]["foreground"] == 1.0
+
+
+def _seen_shapes():
+    from latentdiff.data.shapes import all_prompts
+    return [p.shape for p in all_prompts(include_holdout=False)]
+
+
+def test_image_seeds_do_not_depend_on_batching_or_count(monkeypatch):
+    monkeypatch.setattr(ev, "judge", lambda image: {"background": None, "foreground": None, "shape": None})
+    a, b = FakePipe(), FakePipe()
+    ev.evaluate(a, n_per_prompt=1, sampler="ddim", steps=1, guidance_scale=1.0, batch_size=7, include_holdout=False)
+    ev.evaluate(b, n_per_prompt=2, sampler="ddim", steps=1, guidance_scale=1.0, batch_size=64)
+    seeds_a = {(t, s) for prompts, seeds in a.calls for t, s in zip(prompts, seeds)}
+    seeds_b = {(t, s) for prompts, seeds in b.calls for t, s in zip(prompts, seeds)}
+    assert seeds_a < seeds_b
+
+
+@pytest.fixture
+def fake_pipeline_module(monkeypatch):
+    module = types.ModuleType("latentdiff.pipeline")
+    module.ModelError = type("ModelError", (ValueError,), {})
+    module.load_pipeline = lambda model, device=None, precision="auto": FakePipe()
+    monkeypatch.setitem(sys.modules, "latentdiff.pipeline", module)
+
+
+def test_eval_shapes_main_writes_json_and_grid(tmp_path, capsys, fake_pipeline_module):
+    out, grid = tmp_path / "r.json", tmp_path / "grid.png"
+    assert ev.eval_shapes_main(["--n-per-prompt", "1", "--steps", "3", "--out", str(out), "--grid", str(grid)]) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads(capsys.readouterr().out)
+    assert result["overall"]["all"] == 1.0 and result["settings"]["steps"] == 3
+    assert Image.open(grid).size[0] >= 8 * 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "r.json"]  # no temporary files left
+
+
+def test_eval_shapes_sweep_prints_a_table(tmp_path, capsys, fake_pipeline_module, monkeypatch):
+    calls = []
+
+    def fake_evaluate(pipe, *, sampler, steps, **kwargs):
+        calls.append((sampler, steps))
+        acc = {"background": 1.0, "foreground": 0.5, "shape": 0.25, "all": 0.125, "n": 8}
+        return {"settings": {"sampler": sampler, "steps": steps}, "overall": acc, "seen": acc, "held_out": None}
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    assert ev.eval_shapes_main(["--n-per-prompt", "1", "--sweep", "--out", str(tmp_path / "s.json")]) == 0
+    assert calls == [(s, n) for s in ev.SWEEP_SAMPLERS for n in ev.SWEEP_STEPS]
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 2 + 9 and table[2] == "| ddim | 10 | 100.0% | 50.0% | 25.0% | 12.5% | - |"
+    assert len(json.loads((tmp_path / "s.json").read_text())) == 9
+
+
+@pytest.mark.parametrize("argv", [
+    ["--n-per-prompt", "0"],
+    ["--n-per-prompt", "1", "--sampler", "plms"],
+    ["--n-per-prompt", "1", "--model", "/nonexistent/model"],
+    ["--n-per-prompt", "1", "--out", "/nonexistent/dir/r.json"],
+    ["--n-per-prompt", "1", "--precision", "fp8"],
+])
+def test_eval_shapes_main_rejects_bad_args(argv, capsys, fake_pipeline_module):
+    with pytest.raises(SystemExit) as info:
+        ev.eval_shapes_main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err

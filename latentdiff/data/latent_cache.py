@@ -42,7 +42,9 @@ def sample_latents(params: torch.Tensor, generator: torch.Generator | None = Non
     """
     mean, logvar = params.chunk(2, dim=-3)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=params.device, dtype=params.dtype)
+    # noise is drawn where the generator lives (often the CPU, for device-independent runs)
+    noise_device = generator.device if generator is not None else params.device
+    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=params.dtype).to(params.device)
     return mean + std * noise
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .pngmeta import GenerationParams, atomic_write_bytes, read_params, save_png
-from .precision import PRECISIONS
+from .precision import PRECISIONS, process_state
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral")  # checked against the registry in tests
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -119,12 +119,11 @@ def plan(prompts: list[str], n_iter: int, n_samples: int, seed: int) -> list[Ite
 
 
 def run(args, prompts: list[str]) -> int:
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from .pipeline import ModelError, load_pipeline
 
-    state = PartialState()
+    state = process_state()
     samples = args.outdir / "samples"
     items = plan(prompts, args.n_iter, args.n_samples, args.seed)
     if args.from_png is not None:  # a replay is one more image, after whatever the folder already holds
@@ -196,7 +195,7 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
 def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_prompt: bool = False) -> int:
     from .pipeline import ModelError
 
-    args = build_parser(prog, positional_prompt).parse_args(argv)
+    args = build_parser(prog, positional_prompt).parse_args(None if argv is None else [str(a) for a in argv])
     try:
         prompts = check_args(args)
         return run(args, prompts)

@@ -33,8 +33,16 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def default_device() -> torch.device:
-    """This process's device as accelerate assigns it (one GPU per process under `accelerate launch`)."""
+def process_state():
+    """accelerate's view of this process (rank, world size, device: one GPU per process under `accelerate launch`).
+
+    With no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes; accelerate joins them
+    with gloo only when told the run is on the CPU, hence `cpu=`.
+    """
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def default_device() -> torch.device:
+    return process_state().device

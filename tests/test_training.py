@@ -33,6 +33,15 @@ TINY_TEXT = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box they lose 5-10x to oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Path:
     from latentdiff.data import make_shapes
@@ -158,3 +167,71 @@ def test_bad_yaml_and_data_exit_2(shapes, tiny_config, tiny_vae, tmp_path, capsy
     assert main(unet_args(empty, tiny_config, tiny_vae, tmp_path / "o")) == 2
     assert "no images found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------- exact resume
+
+# 64 images, batch 8, accumulation 2 → 4 optimiser steps an epoch: step 3 is mid-epoch, 6 is in the next one.
+RESUME = ("--train-text-encoder", "--ema-decay", "0.9", "--gradient-accumulation", "2", "--random-flip",
+          "--caption-dropout", "0.3", "--noise-offset", "0.05")
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    model = out / "model"
+    return {f"{sub}.{k}": v for sub, f in (("unet", "unet/diffusion_pytorch_model.safetensors"),
+                                          ("te", "text_encoder/model.safetensors"))
+            for k, v in load_file(model / f).items()}
+
+
+def assert_same_run(a: Path, b: Path) -> float:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert diff < 1e-6, diff
+    la, lb = read_log(a), read_log(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
+    return diff
+
+
+def test_k_plus_resume_plus_k_equals_2k(shapes, tiny_config, tiny_vae, tmp_path):
+    const = ("--lr-schedule", "constant", "--warmup-steps", "2", *RESUME)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, full, "--max-steps", "6", *const)) == 0
+    assert main(unet_args(shapes, tiny_config, tiny_vae, split, "--max-steps", "3", "--checkpoint-every", "3", *const)) == 0
+    assert main(unet_args(shapes, tiny_config, tiny_vae, split, "--max-steps", "6", "--resume", "latest", *const)) == 0
+    print("max parameter difference, 6 steps vs 3 + resume + 3:", assert_same_run(full, split))
+
+
+def test_kill_9_during_save_keeps_previous_checkpoint(shapes, tiny_config, tiny_vae, tmp_path):
+    """SIGKILL while ckpt-000006 is being written: ckpt-000003 stays usable, `latest` finds it, the resumed run is exact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from latentdiff.training.run import resolve_resume
+
+    args = ("--max-steps", "6", "--checkpoint-every", "3", *RESUME)  # cosine LR: depends on max_steps
+    reference = tmp_path / "reference"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, reference, *args)) == 0
+    for attempt in range(3):
+        run = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train.py"), *unet_args(shapes, tiny_config, tiny_vae, run, *args)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        tmp = run / "checkpoints" / "ckpt-000006.tmp"
+        while proc.poll() is None and not tmp.exists():
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if tmp.exists() and not (run / "checkpoints" / "ckpt-000006").exists():
+            break
+    else:
+        pytest.fail("could not catch the trainer inside a checkpoint save")
+    config = parse_config(TrainConfig, unet_args(shapes, tiny_config, tiny_vae, run, "--resume", "latest", *args), "t")
+    assert resolve_resume(config).name == "ckpt-000003"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, run, "--resume", "latest", *args)) == 0
+    assert_same_run(reference, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-000003", "ckpt-000006"]

@@ -187,7 +187,7 @@ def parse_config(cls: type[RunConfig], argv: list[str], prog: str) -> RunConfig:
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, type=base, nargs="+" if is_list else None, metavar=base.__name__.upper())
+            parser.add_argument(flag, type=base, nargs="*" if is_list else None, metavar=base.__name__.upper())
     args = vars(parser.parse_args(argv))
     values = load_yaml(cls, args.pop("config")) if "config" in args else {}
     values.update(args)

@@ -235,3 +235,57 @@ def test_kill_9_during_save_keeps_previous_checkpoint(shapes, tiny_config, tiny_
     assert main(unet_args(shapes, tiny_config, tiny_vae, run, "--resume", "latest", *args)) == 0
     assert_same_run(reference, run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-000003", "ckpt-000006"]
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, tiny_config, tiny_vae) -> Path:
+    """A diffusers-format folder to fine-tune (random weights: what matters is the layout)."""
+    from diffusers import AutoencoderKL
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_config(tiny_config, seed=1)
+    pipe.vae = AutoencoderKL.from_pretrained(tiny_vae)
+    out = tmp_path_factory.mktemp("pretrained") / "model"
+    pipe.save_pretrained(out)
+    return out
+
+
+def test_lora_file_loads_in_diffusers_with_the_same_output(shapes, tiny_pretrained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from latentdiff import text
+    from latentdiff.pipeline import load_pipeline
+
+    out = tmp_path / "lora"
+    assert main(["--model", str(tiny_pretrained), "--data", str(shapes), "--output-dir", str(out), "--resolution", "32",
+                 "--batch-size", "8", "--num-workers", "0", "--max-steps", "3", "--lr", "1e-2", "--checkpoint-every", "0",
+                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-text-encoder"]) == 0
+    path = out / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("unet.") and "to_q.lora_A" in k for k in keys)
+    assert any(k.startswith("text_encoder.") and "q_proj.lora_B" in k for k in keys)
+
+    ours = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
+    theirs = StableDiffusionPipeline.from_pretrained(tiny_pretrained, safety_checker=None)
+    ids = text.tokenize(ours.tokenizer, ["a red circle on a white background"])
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+
+    def eps(pipe):
+        with torch.no_grad():
+            return pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+    base = eps(ours)
+    ours.load_lora(path, scale=1.0)
+    theirs.load_lora_weights(str(path))
+    mine, reference = eps(ours), eps(theirs)
+    assert (mine - base).abs().max() > 1e-4  # the adapters were trained
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+    off = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
+    off.load_lora(path, scale=0.0)
+    torch.testing.assert_close(eps(off), base)  # the scale reaches both the UNet and the text encoder adapters

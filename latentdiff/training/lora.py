@@ -32,14 +32,14 @@ def add_lora(unet, text_encoder, rank: int, alpha: float | None = None) -> None:
 def save_lora(path, unet, text_encoder=None) -> Path:
     """One safetensors file, written to a temporary folder then renamed into place."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     path = Path(path)
-    kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER)),
+    # peft's own key names (lora_A / lora_B): the layout diffusers' loaders read natively
+    kwargs = {"unet_lora_layers": get_peft_model_state_dict(unet, adapter_name=ADAPTER),
               "unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
     if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER))
+        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
@@ -55,17 +55,10 @@ def load_lora(unet, text_encoder, path, scale: float = 1.0, adapter_name: str = 
     path = Path(path)
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
                                                                        return_lora_metadata=True)
-    metadata = metadata or {}
+    # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes
     if any(k.startswith("unet.") for k in state):
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=adapter_name,
-                                                    metadata=_part(metadata, "unet"))
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=adapter_name, metadata=metadata)
         unet.set_adapters([adapter_name], weights=[scale])
     if text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
         StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, lora_scale=scale,
-                                                            adapter_name=adapter_name, metadata=_part(metadata, "text_encoder"))
-
-
-def _part(metadata: dict, prefix: str) -> dict | None:
-    """diffusers stores one metadata dict with `unet.`/`text_encoder.`-prefixed keys; the loaders want one part."""
-    part = {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
-    return part or None
+                                                            adapter_name=adapter_name, metadata=metadata)

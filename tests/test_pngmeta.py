@@ -1,0 +1,30 @@
+"""A1111-style `parameters` text: written, parsed back, and read from other tools' PNGs."""
+import pytest
+from PIL import Image
+
+from latentdiff.pngmeta import GenerationParams, read_params, save_png
+
+
+def test_round_trip_with_awkward_text(tmp_path):
+    params = GenerationParams(prompt="a red, circle\non two lines", negative_prompt="blurry, bad: art", steps=20,
+                              sampler="dpmpp_2m", cfg_scale=7.5, seed=4294967295, width=64, height=48, model="default_model",
+                              model_hash="1234567890", extra={"Precision": "bf16", "Note": 'x: "y", z'})
+    save_png(tmp_path / "a.png", Image.new("RGB", (64, 48)), params)
+    assert read_params(tmp_path / "a.png") == params
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
+
+
+def test_reads_a1111_text():
+    text = ("masterpiece, a cat\nNegative prompt: lowres\n"
+            "Steps: 28, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: abc123, Model: v1-5")
+    p = GenerationParams.from_text(text)
+    assert (p.prompt, p.negative_prompt, p.steps, p.sampler, p.cfg_scale) == ("masterpiece, a cat", "lowres", 28, "euler_ancestral", 7.0)
+    assert (p.seed, p.width, p.height, p.model, p.model_hash) == (1234, 512, 768, "v1-5", "abc123")
+
+
+def test_rejects_text_without_parameters_line(tmp_path):
+    with pytest.raises(ValueError, match="Steps"):
+        GenerationParams.from_text("just a caption")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="no 'parameters' text chunk"):
+        read_params(tmp_path / "plain.png")

@@ -289,3 +289,33 @@ def test_lora_file_loads_in_diffusers_with_the_same_output(shapes, tiny_pretrain
     off = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
     off.load_lora(path, scale=0.0)
     torch.testing.assert_close(eps(off), base)  # the scale reaches both the UNet and the text encoder adapters
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def test_two_processes_train_on_disjoint_shards(shapes, tiny_config, tiny_vae, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU: gloo DDP, one shard a process, a loadable result."""
+    import subprocess
+    import sys
+
+    from latentdiff.pipeline import load_pipeline
+    from latentdiff.training.run import ShardedEpochSampler
+
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(REPO / "scripts/train.py")]
+    args = unet_args(shapes, tiny_config, tiny_vae, out, "--batch-size", "4", "--max-steps", "3", "--log-indices",
+                     "--train-text-encoder", "--checkpoint-every", "2")
+    res = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = {r: [json.loads(line)["indices"] for line in (out / f"data-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    for step in range(3):
+        a, b = set(seen[0][step]), set(seen[1][step])
+        assert len(a) == len(b) == 4 and not a & b
+        assert a | b == set(ShardedEpochSampler(64, 8, 0).batch(step))  # together: the 1-process batch of 8
+    assert (out / "checkpoints" / "ckpt-000002" / "random_states_1.pkl").is_file()
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    pipe = load_pipeline(out / "model", device="cpu", precision="fp32")
+    assert pipe(["a red circle"], num_inference_steps=2, seed=[0], output_type="numpy", progress=False).images.shape == (1, 32, 32, 3)

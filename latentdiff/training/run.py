@@ -34,6 +34,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     return Accelerator(
+        # with no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes that
+        # accelerate joins with gloo only when told the run is on the CPU (as latentdiff.precision does)
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
         log_with="tensorboard" if is_tensorboard_available() else None,
@@ -212,7 +215,6 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.accelerator.end_training()
 
 
 def log_indices(config: RunConfig, rank: int, step: int, indices: list[int]) -> None:

@@ -167,6 +167,7 @@ def train(config: TrainConfig) -> Path:
                 save_single_file(Path(config.output_dir) / "model.safetensors", unet, vae, text_encoder, schedule=pipe.schedule)
         _summary(config, items, missing, out)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out
 
 

@@ -78,6 +78,7 @@ def train_vae(config: VAETrainConfig) -> Path:
         _save_atomic(vae, out)
         print(f"trained {config.max_steps} steps; latent std {std:.4f} → scaling_factor {1 / std:.5f}; saved {out}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out
 
 

@@ -319,3 +319,31 @@ def test_two_processes_train_on_disjoint_shards(shapes, tiny_config, tiny_vae, t
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
     pipe = load_pipeline(out / "model", device="cpu", precision="fp32")
     assert pipe(["a red circle"], num_inference_steps=2, seed=[0], output_type="numpy", progress=False).images.shape == (1, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def test_fine_tune_exports_for_diffusers_and_as_single_file(shapes, tiny_pretrained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from latentdiff.pipeline import load_pipeline
+
+    out = tmp_path / "ft"
+    assert main(["--model", str(tiny_pretrained), "--data", str(shapes), "--output-dir", str(out), "--resolution", "32",
+                 "--batch-size", "8", "--num-workers", "0", "--max-steps", "2", "--lr", "1e-3", "--checkpoint-every", "0",
+                 "--prediction-type", "v_prediction", "--gradient-checkpointing", "--no-cache-latents",
+                 "--export-single-file"]) == 0
+    folder = load_pipeline(out / "model", device="cpu", precision="fp32")
+    assert folder.schedule.prediction_type == "v_prediction"
+    theirs = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
+    assert theirs.scheduler.config.prediction_type == "v_prediction"
+    single = load_pipeline(out / "model.safetensors", device="cpu", precision="fp32")
+    base = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
+    for name in ("unet", "text_encoder", "vae"):
+        ours = getattr(folder, name).state_dict()
+        for other in (getattr(theirs, name).state_dict(), getattr(single, name).state_dict()):
+            assert all(torch.equal(v, other[k]) for k, v in ours.items())
+    moved = [k for k, v in folder.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert moved and folder.text_encoder.state_dict().keys() == base.text_encoder.state_dict().keys()
+    assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in folder.text_encoder.state_dict().items())  # frozen

@@ -14,6 +14,7 @@ import torch
 
 from . import text
 from .guidance import cfg_combine
+from .optimize import optimize_for_inference
 from .precision import default_device, resolve_dtype
 from .schedulers import SAMPLERS, ScheduleConfig, get_sampler
 from .schedulers.base import randn
@@ -55,6 +56,9 @@ class LatentDiffusionPipeline:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a CLI
         folder = Path(folder)
         for sub in ("unet", "vae", "text_encoder"):
             if not (folder / sub / "config.json").is_file():
@@ -288,18 +292,23 @@ class LatentDiffusionPipeline:
         return image
 
 
-def load_pipeline(model=None, *, device=None, precision: str = "auto", **kwargs) -> LatentDiffusionPipeline:
-    """A diffusers-format folder, an SD single file (.safetensors/.ckpt), or None for the shipped default model."""
+def load_pipeline(model=None, *, device=None, precision: str = "auto", compile: bool = False, **kwargs) -> LatentDiffusionPipeline:
+    """A diffusers-format folder, an SD single file (.safetensors/.ckpt), or None for the shipped default model.
+
+    The inference speed levers of `optimize.py` are applied; `compile=True` adds torch.compile of the UNet.
+    """
     path = Path(model) if model is not None else DEFAULT_MODEL
     if not path.exists():
         if model is None:
             raise ModelError(f"the shipped default model is missing from {path}; reinstall latentdiff or pass a model path")
         raise ModelError(f"model path {path} does not exist; expected a diffusers-format folder or a .safetensors/.ckpt file")
     if path.is_dir():
-        return LatentDiffusionPipeline.from_pretrained(path, device=device, precision=precision)
-    if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        pipe = LatentDiffusionPipeline.from_pretrained(path, device=device, precision=precision)
+    elif path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise ModelError(f"model file {path} has an unknown extension; expected .safetensors or .ckpt")
-    return LatentDiffusionPipeline.from_single_file(path, device=device, precision=precision, **kwargs)
+    else:
+        pipe = LatentDiffusionPipeline.from_single_file(path, device=device, precision=precision, **kwargs)
+    return optimize_for_inference(pipe, compile=compile)
 
 
 def _recast_safetensors(file: Path, dtype: torch.dtype) -> None:

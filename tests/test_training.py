@@ -347,3 +347,33 @@ def test_fine_tune_exports_for_diffusers_and_as_single_file(shapes, tiny_pretrai
     moved = [k for k, v in folder.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
     assert moved and folder.text_encoder.state_dict().keys() == base.text_encoder.state_dict().keys()
     assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in folder.text_encoder.state_dict().items())  # frozen
+
+
+# ----------------------------------------------------------------------------------------- learning
+
+
+def test_loss_falls_and_samples_move_toward_the_training_set(tiny_config, tiny_vae, tmp_path):
+    from latentdiff.data import load_pixels, make_shapes, scan_captioned_images
+    from latentdiff.pipeline import LatentDiffusionPipeline, load_pipeline
+
+    data, out = tmp_path / "eight", tmp_path / "learn"
+    make_shapes(data, 8, size=32)
+    assert main(unet_args(data, tiny_config, tiny_vae, out, "--max-steps", "60", "--lr-schedule", "constant",
+                          "--warmup-steps", "5", "--caption-dropout", "0")) == 0
+    losses = [r["loss"] for r in read_log(out)]
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+
+    items = scan_captioned_images(data)
+    trained = load_pipeline(out / "model", device="cpu", precision="fp32")
+    untrained = LatentDiffusionPipeline.from_config(tiny_config, seed=0)  # the run's starting weights
+    untrained.vae = trained.vae
+    with torch.no_grad():
+        x0 = trained.vae.encode(torch.stack([load_pixels(p, 32) for p, _ in items])).latent_dist.mean
+    x0 = x0.flatten(1) * trained.vae.config.scaling_factor  # (8, 256)
+
+    def distance_to_training_set(pipe) -> float:
+        z = pipe([t for _, t in items], num_inference_steps=20, guidance_scale=1.0, seed=list(range(8)),
+                 output_type="latents", progress=False).images.flatten(1)
+        return torch.cdist(z, x0).min(dim=1).values.mean().item()  # mean nearest-neighbour distance
+
+    assert distance_to_training_set(trained) < 0.5 * distance_to_training_set(untrained)

@@ -120,15 +120,16 @@ def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_va
 def test_shipped_configs_parse_and_build(tmp_path):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
-    for name, sub in (("shapes_unet.yaml", "train"), ("shapes_vae.yaml", "vae")):
+    for name, sub in (("shapes_unet.yaml", "train"), ("shapes_vae.yaml", "vae"), ("finetune_sd.yaml", "ft"), ("lora_sd.yaml", "ft")):
         from latentdiff.training.config import VAETrainConfig
 
-        cls = TrainConfig if sub == "train" else VAETrainConfig
-        overrides = ["--data", str(tmp_path), "--model-config", str(REPO / "configs/shapes_model")]
+        cls = VAETrainConfig if sub == "vae" else TrainConfig
+        overrides = ["--data", str(tmp_path)]
+        overrides += ["--model", str(tmp_path)] if sub == "ft" else ["--model-config", str(REPO / "configs/shapes_model")]
         if sub == "train":
             overrides += ["--vae", str(tmp_path)]
         config = parse_config(cls, ["--config", str(REPO / "configs" / name), *overrides], "t")
-        assert config.resolution == 64
+        assert config.resolution == (512 if sub == "ft" else 64)
     pipe = LatentDiffusionPipeline.from_config(REPO / "configs/shapes_model")
     x = torch.zeros(1, 4, 16, 16)
     assert pipe.vae.decode(x).sample.shape == (1, 3, 64, 64)
@@ -162,6 +163,11 @@ def test_bad_yaml_and_data_exit_2(shapes, tiny_config, tiny_vae, tmp_path, capsy
     cfg.write_text("learning_rate: 1\n")
     assert main(["--config", str(cfg)]) == 2
     assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    used = tmp_path / "used"
+    (used / "checkpoints" / "ckpt-000010").mkdir(parents=True)
+    (used / "checkpoints" / "ckpt-000010" / "trainer_state.json").write_text('{"step": 10}')
+    assert main(unet_args(shapes, tiny_config, tiny_vae, used)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(unet_args(empty, tiny_config, tiny_vae, tmp_path / "o")) == 2

@@ -122,7 +122,11 @@ def complete_checkpoints(output_dir) -> list[Path]:
 
 
 def resolve_resume(config: RunConfig) -> Path | None:
+    """The checkpoint to continue from; a fresh run refuses a folder that already holds checkpoints."""
     if config.resume is None:
+        if complete_checkpoints(config.output_dir):
+            raise ConfigError(f"{config.output_dir} already holds checkpoints of an earlier run; pass --resume latest "
+                              "to continue it, or choose another --output-dir.")
         return None
     if config.resume != "latest":
         path = Path(config.resume)
@@ -233,6 +237,8 @@ def train_loop(accelerator: Accelerator, config: RunConfig, model, optimizer, pa
     loss_fn(batch, generator) → scalar loss; on_step(step) runs after every optimiser update (EMA,
     validation); checkpoints follow it, so a checkpoint holds the step's EMA and validation state.
     """
+    if start_step >= config.max_steps:  # resumed from the final checkpoint: nothing left to train
+        return []
     images_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
     log = RunLog(accelerator, config, start_step, images_per_step, name)
     rank, step = accelerator.process_index, start_step

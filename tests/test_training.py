@@ -120,7 +120,7 @@ def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_va
 def test_shipped_configs_parse_and_build(tmp_path):
     from latentdiff.pipeline import LatentDiffusionPipeline
 
-    for name, sub in (("shapes_unet.yaml", "train"), ("shapes_vae.yaml", "vae"), ("finetune_sd.yaml", "ft"), ("lora_sd.yaml", "ft")):
+    for name, sub in (("shapes_unet.yaml", "train"), ("shapes_vae.yaml", "vae"), ("finetune_sd.yaml", "ft"), ("lora_sd.yaml", "ft"), ("finetune_lora.yaml", "ft")):
         from latentdiff.training.config import VAETrainConfig
 
         cls = VAETrainConfig if sub == "vae" else TrainConfig
@@ -129,7 +129,7 @@ def test_shipped_configs_parse_and_build(tmp_path):
         if sub == "train":
             overrides += ["--vae", str(tmp_path)]
         config = parse_config(cls, ["--config", str(REPO / "configs" / name), *overrides], "t")
-        assert config.resolution == (512 if sub == "ft" else 64)
+        assert config.resolution == (512 if name.endswith("_sd.yaml") else 64)
     pipe = LatentDiffusionPipeline.from_config(REPO / "configs/shapes_model")
     x = torch.zeros(1, 4, 16, 16)
     assert pipe.vae.decode(x).sample.shape == (1, 3, 64, 64)
@@ -383,3 +383,37 @@ def test_loss_falls_and_samples_move_toward_the_training_set(tiny_config, tiny_v
         return torch.cdist(z, x0).min(dim=1).values.mean().item()  # mean nearest-neighbour distance
 
     assert distance_to_training_set(trained) < 0.5 * distance_to_training_set(untrained)
+
+
+@pytest.mark.parametrize("cache", ["--cache-latents", "--no-cache-latents"])
+def test_corrupt_image_is_skipped_and_reported(tiny_config, tiny_vae, tmp_path, capsys, cache):
+    from latentdiff.data import make_shapes
+
+    data = tmp_path / "data"
+    make_shapes(data, 16, size=32)
+    bad = sorted(data.glob("*.png"))[3]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    assert main(unet_args(data, tiny_config, tiny_vae, tmp_path / "run", "--max-steps", "2", cache)) == 0
+    assert f"skipped 1 unreadable image(s): {bad}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- pieces
+
+
+def test_sampler_epochs_shards_and_augmentation(shapes):
+    from latentdiff.data import CaptionedImageDataset, collate_skip_none, scan_captioned_images
+    from latentdiff.training.run import ShardedEpochSampler, make_loader
+
+    s = ShardedEpochSampler(10, 3, seed=0)  # 3 batches an epoch, image 10 of each epoch dropped
+    epoch0, epoch1 = [i for k in range(3) for i in s.batch(k)], [i for k in range(3, 6) for i in s.batch(k)]
+    assert len(set(epoch0)) == len(set(epoch1)) == 9 and epoch0 != epoch1
+    items = scan_captioned_images(shapes)[:4]
+    dataset = CaptionedImageDataset(items, 32, random_flip=True, seed=0)
+    batches = iter(make_loader(dataset, ShardedEpochSampler(4, 4, seed=0), 0, collate_skip_none))
+    pixels = {}
+    for epoch in range(4):  # each epoch is a single batch holding all 4 images
+        batch = next(batches)
+        for i, x in zip(batch["index"], batch["pixel_values"]):
+            pixels.setdefault(i, []).append(x)
+    flipped = [[not torch.equal(p[0], p[e]) for e in range(1, 4)] for p in pixels.values()]
+    assert any(any(f) for f in flipped)  # the flip is redrawn every epoch

@@ -71,16 +71,32 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
         epoch, i = divmod(micro_step, self.steps_per_epoch)
         return self._shard(epoch)[i * self.batch_size : (i + 1) * self.batch_size].tolist()
 
-    def __iter__(self):
+    def __iter__(self):  # endless; the trainer stops at max_steps
         step = self.start
-        while True:  # endless; the trainer stops at max_steps
-            yield self.batch(step)
+        while True:
+            epoch = step // self.steps_per_epoch
+            yield [(i, epoch) for i in self.batch(step)]
             step += 1
 
 
+class EpochKeyed(torch.utils.data.Dataset):
+    """Items fetched by (index, epoch): per-epoch augmentation right in every DataLoader worker's copy."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 def make_loader(dataset, sampler: ShardedEpochSampler, num_workers: int, collate_fn):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(EpochKeyed(dataset), batch_sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
 
 
 def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -284,3 +300,11 @@ def train_loop(accelerator: Accelerator, config: RunConfig, model, optimizer, pa
 def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def summary(config: RunConfig, items, missing: list[int], out: Path) -> None:
+    """End-of-run lines: what was saved, and every unreadable image that was skipped."""
+    print(f"trained {config.max_steps} steps; saved {out}")
+    if missing:
+        names = ", ".join(str(items[i][0]) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
+        print(f"skipped {len(missing)} unreadable image(s): {names}")

@@ -24,7 +24,7 @@ from latentdiff.training.config import ConfigError, TrainConfig
 from latentdiff.training.ema import EMA
 from latentdiff.training.losses import diffusion_loss, offset_noise
 from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
-                                     make_optimizer, resolve_resume, train_loop)
+                                     make_optimizer, resolve_resume, summary, train_loop)
 from latentdiff.training.validation import validation_grid
 
 logger = logging.getLogger(__name__)
@@ -165,14 +165,7 @@ def train(config: TrainConfig) -> Path:
                 from latentdiff.checkpoints import save_single_file
 
                 save_single_file(Path(config.output_dir) / "model.safetensors", unet, vae, text_encoder, schedule=pipe.schedule)
-        _summary(config, items, missing, out)
+        summary(config, items, missing, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out
-
-
-def _summary(config: TrainConfig, items, missing: list[int], out: Path) -> None:
-    print(f"trained {config.max_steps} steps; saved {out}")
-    if missing:
-        names = ", ".join(str(items[i][0]) for i in missing[:10]) + (" …" if len(missing) > 10 else "")
-        print(f"skipped {len(missing)} unreadable image(s): {names}")

@@ -16,7 +16,7 @@ from latentdiff.data import CaptionedImageDataset, collate_skip_none, scan_capti
 from latentdiff.training.config import ConfigError, VAETrainConfig
 from latentdiff.training.losses import vae_loss
 from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
-                                     make_optimizer, resolve_resume, train_loop)
+                                     make_optimizer, resolve_resume, summary, train_loop)
 
 
 class Autoencoder(nn.Module):
@@ -69,14 +69,16 @@ def train_vae(config: VAETrainConfig) -> Path:
         recon, posterior = model(x, gen)
         return vae_loss(recon, x, posterior, config.kl_weight, config.reconstruction)[0]
 
-    train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn, lambda step: None, "train-vae")
+    missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn,
+                         lambda step: None, "train-vae")
 
     out = Path(config.output_dir) / "vae"
     if accelerator.is_main_process:
         std = latent_std(vae, dataset, config.scale_samples, config.batch_size, device, config.seed)
         vae.register_to_config(scaling_factor=1.0 / std)
         _save_atomic(vae, out)
-        print(f"trained {config.max_steps} steps; latent std {std:.4f} → scaling_factor {1 / std:.5f}; saved {out}")
+        print(f"latent std {std:.4f} → scaling_factor {1 / std:.5f}")
+        summary(config, items, missing, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out

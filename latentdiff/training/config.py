@@ -132,6 +132,8 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"validation_steps must be at least 1, got {self.validation_steps}.")
         if (self.lora_text_encoder or self.lora_alpha is not None) and self.lora_rank == 0:
             raise ConfigError("LoRA options are set but lora_rank is 0; set --lora-rank to train LoRA adapters.")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError("latent caching needs center_crop (a random crop differs every epoch); pass --no-cache-latents.")
         if self.lora_rank and self.train_text_encoder:
             raise ConfigError("train_text_encoder fully fine-tunes the text encoder and cannot be combined with LoRA; use --lora-text-encoder.")
 

@@ -70,8 +70,6 @@ def train(config: TrainConfig) -> Path:
     accelerator = make_accelerator(config)
     pipe = load_model(config)
     sampler = ShardedEpochSampler(len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
-    if config.cache_latents and not config.center_crop:
-        raise ConfigError("latent caching needs center_crop; pass --no-cache-latents to train with random crops.")
     resume_from = resolve_resume(config)
     device = accelerator.device
 

@@ -140,20 +140,17 @@ def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator |
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Resized, cropped, optionally flipped images with their captions.
+class EpochDataset(torch.utils.data.Dataset):
+    """(path, caption) items whose per-item randomness is a function of (seed, epoch, index).
 
-    A corrupt or truncated image yields None (drop it with collate_skip_none), is logged once and
-    counted in `skipped` (distinct files). DataLoader workers hold copies of the dataset, so
-    `skipped` is exact only with num_workers=0. Call set_epoch() before each epoch's iterator is
-    created (not compatible with persistent_workers, whose copies never see it).
+    Unreadable items yield None (drop them with collate_skip_none), are logged once and counted in
+    `skipped` (distinct files). DataLoader workers hold copies of the dataset, so `skipped` is exact
+    only with num_workers=0, and set_epoch() must come before each epoch's iterator is created (not
+    compatible with persistent_workers, whose copies never see it).
     """
 
-    def __init__(self, items, resolution: int, *, center_crop=True, random_flip=False, seed=0):
+    def __init__(self, items, seed: int = 0):
         self.items = list(items)
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
         self._bad: set[Path] = set()
@@ -168,6 +165,21 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _skip(self, path: Path, message: str, err: Exception) -> None:
+        if path not in self._bad:
+            self._bad.add(path)
+            logger.warning("%s %s (%s)", message, path, err)
+
+
+class CaptionedImageDataset(EpochDataset):
+    """Resized, cropped, optionally flipped images with their captions: {"pixel_values", "text", "index"}."""
+
+    def __init__(self, items, resolution: int, *, center_crop=True, random_flip=False, seed=0):
+        super().__init__(items, seed)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
     def __getitem__(self, i: int):
         path, text = self.items[i]
         rng = augmentation_rng(self.seed, self.epoch, i)
@@ -175,9 +187,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         try:
             pixels = load_pixels(path, self.resolution, flip=flip, rng=None if self.center_crop else rng)
         except UNREADABLE as err:
-            if path not in self._bad:
-                self._bad.add(path)
-                logger.warning("skipping unreadable image %s (%s)", path, err)
+            self._skip(path, "skipping unreadable image", err)
             return None
         return {"pixel_values": pixels, "text": text, "index": i}
 

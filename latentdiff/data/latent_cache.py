@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from ..pngmeta import atomic_write_bytes
-from .datasets import UNREADABLE, augmentation_rng, load_pixels
+from .datasets import UNREADABLE, EpochDataset, augmentation_rng, load_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -121,30 +121,16 @@ class LatentCache:
         return encoded
 
 
-class CachedLatentDataset(torch.utils.data.Dataset):
+class CachedLatentDataset(EpochDataset):
     """CaptionedImageDataset's twin over cached posteriors: {"latent_dist", "text", "index"}.
 
     The flip is drawn exactly as the image dataset draws it, so switching caching on does not change
-    which samples are mirrored. Images without an entry yield None, are logged once and counted in
-    `skipped` (exact with num_workers=0 only, as for CaptionedImageDataset).
+    which samples are mirrored. Images without an entry yield None and are counted in `skipped`.
     """
 
     def __init__(self, cache: LatentCache, items, seed: int = 0):
+        super().__init__(items, seed)
         self.cache = cache
-        self.items = list(items)
-        self.seed = seed
-        self.epoch = 0
-        self._bad: set[Path] = set()
-
-    @property
-    def skipped(self) -> int:
-        return len(self._bad)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int):
         path, text = self.items[i]
@@ -152,8 +138,6 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         try:
             params = self.cache.load(path, flip)
         except (OSError, KeyError, SafetensorError) as err:
-            if path not in self._bad:
-                self._bad.add(path)
-                logger.warning("no cached latents for %s (%s)", path, err)
+            self._skip(path, "no cached latents for", err)
             return None
         return {"latent_dist": params, "text": text, "index": i}

@@ -129,3 +129,29 @@ def test_save_pretrained_round_trip_and_missing_paths(tmp_path, pipe):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="unet/config.json is missing"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_in_original_layout_gives_the_same_images(tmp_path, pipe, tiny_model_dir, suffix):
+    """An SD single file with CompVis key names (no latentdiff metadata) loads offline to the same model."""
+    from safetensors.torch import load_file
+
+    from latentdiff.checkpoints import save_single_file
+
+    exported = tmp_path / "model.safetensors"
+    save_single_file(exported, pipe.unet, pipe.vae, pipe.text_encoder, schedule=pipe.schedule)
+    state = load_file(exported)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in state)
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in state)
+    assert any(k.startswith("first_stage_model.decoder.") for k in state)
+    plain = tmp_path / f"plain{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state}, plain)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, plain)  # no metadata: the component configs must come from config_dir
+    single = load_pipeline(plain, device="cpu", precision="fp32", config_dir=tiny_model_dir)
+    a = pipe(PROMPTS, seed=5, num_inference_steps=3, output_type="pt", progress=False).images
+    b = single(PROMPTS, seed=5, num_inference_steps=3, output_type="pt", progress=False).images
+    assert torch.equal(a, b)

@@ -216,7 +216,7 @@ def markdown(res: dict) -> str:
     a = res["args"]
     lines = [f"# Inference: latentdiff vs diffusers {res['versions']['diffusers']} (same weights)", "",
              f"SD 1.5 architecture, random weights; DPM-Solver++(2M), {a['steps']} steps, guidance {GUIDANCE}, batch 1, "
-             f"same initial latents; {res['machine']}. Median of alternating repeats ({a['repeats']} per size); "
+             f"same initial latents; {res['machine']}. Median of alternating repeats ({', '.join(f'{n} at {s}px' for s, n in a['repeats'].items())}); "
              "peak RSS = the contender's own worker process (load + generation).", ""]
     for size, rows in res["sizes"].items():
         lines += [f"## {size}×{size}", "", "| contender | s / image | UNet s / step | VAE decode s | text enc. s | peak RSS GB | PSNR vs latentdiff fp32 | latentdiff speed-up |",
@@ -231,7 +231,7 @@ def markdown(res: dict) -> str:
                   f"{ref['text_s']:.2f} | {ref['peak_rss_gb']:.2f} | — | (run once) |", ""]
     if "large" in res:
         big = res["large"]
-        lines += [f"**{big['size']}×{big['size']}** ({big['steps']} steps, tiled VAE decode): peak RSS {big['peak_rss_gb']:.2f} GB, "
+        lines += [f"**{big['size']}×{big['size']}** ({big['steps']} steps, VAE decode tiled above 1024 px in bf16): peak RSS {big['peak_rss_gb']:.2f} GB, "
                   f"{big['seconds']:.1f} s, decode {big['vae_s']:.1f} s; image: `{big['image']}`.", ""]
     if "cold_start" in res:
         cs = res["cold_start"]

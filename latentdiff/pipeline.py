@@ -292,10 +292,12 @@ class LatentDiffusionPipeline:
         return image
 
 
-def load_pipeline(model=None, *, device=None, precision: str = "auto", compile: bool = False, **kwargs) -> LatentDiffusionPipeline:
+def load_pipeline(model=None, *, device=None, precision: str = "auto", optimize: bool = True, compile: bool = False,
+                  **kwargs) -> LatentDiffusionPipeline:
     """A diffusers-format folder, an SD single file (.safetensors/.ckpt), or None for the shipped default model.
 
-    The inference speed levers of `optimize.py` are applied; `compile=True` adds torch.compile of the UNet.
+    The inference speed levers of `optimize.py` are applied unless `optimize=False` (training: tiled VAE *encoding*
+    would change latents); `compile=True` adds torch.compile of the UNet.
     """
     path = Path(model) if model is not None else DEFAULT_MODEL
     if not path.exists():
@@ -308,7 +310,7 @@ def load_pipeline(model=None, *, device=None, precision: str = "auto", compile: 
         raise ModelError(f"model file {path} has an unknown extension; expected .safetensors or .ckpt")
     else:
         pipe = LatentDiffusionPipeline.from_single_file(path, device=device, precision=precision, **kwargs)
-    return optimize_for_inference(pipe, compile=compile)
+    return optimize_for_inference(pipe, compile=compile) if optimize else pipe
 
 
 def _recast_safetensors(file: Path, dtype: torch.dtype) -> None:

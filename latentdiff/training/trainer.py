@@ -51,7 +51,7 @@ def load_model(config: TrainConfig):
     source = config.model or config.model_config
     try:
         if config.model is not None:
-            pipe = load_pipeline(config.model, device="cpu", precision="fp32")
+            pipe = load_pipeline(config.model, device="cpu", precision="fp32", optimize=False)
         else:
             pipe = LatentDiffusionPipeline.from_config(config.model_config, seed=config.seed)
         if config.vae is not None:

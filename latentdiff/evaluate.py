@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPES, STAR_INNER_RATIO, Prompt, all_prompts,
-                          caption)
+from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPE_DRAWERS, SHAPES, STAR_INNER_RATIO, Prompt,
+                          all_prompts, caption)
+from .generate import DEFAULTS
 from .pngmeta import atomic_write_bytes
 
 # Rotation-invariant features (solidity, fill) of each ideal shape, from its geometry:
@@ -163,20 +164,22 @@ def _accuracies(rows: list[dict[str, bool]]) -> dict | None:
 
 
 def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batch_size=32,
-             include_holdout=True, progress=False) -> dict:
+             include_holdout=True, shapes=SHAPES, progress=False) -> dict:
     """Accuracy of `pipe` on every shapes caption, n_per_prompt images each (JSON-able dict).
 
     "all" counts images with background, foreground color and shape all right; "seen" and
-    "held_out" split by whether the (color, shape) pair was in the training set.
+    "held_out" split by whether the (color, shape) pair was in the training set. `shapes` picks the
+    captions (e.g. ("cross",) after teaching a new shape); the judge always chooses among SHAPES too.
     """
-    jobs = [(p, image_seed(seed, i, k)) for i, p in enumerate(all_prompts())
+    candidates = tuple(dict.fromkeys((*SHAPES, *shapes)))
+    jobs = [(p, image_seed(seed, i, k)) for i, p in enumerate(all_prompts(shapes=shapes))
             if include_holdout or not p.held_out for k in range(n_per_prompt)]
     images = _generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                        batch_size=batch_size, progress=progress)
-    rows = [(p, _correct(p, judge(image))) for (p, _), image in zip(jobs, images)]
+    rows = [(p, _correct(p, judge(image, shapes=candidates))) for (p, _), image in zip(jobs, images)]
     return {
         "settings": {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
-                     "n_per_prompt": n_per_prompt, "include_holdout": include_holdout,
+                     "n_per_prompt": n_per_prompt, "include_holdout": include_holdout, "shapes": list(shapes),
                      "holdout": [f"{color} {shape}" for color, shape in HOLDOUT]},
         "overall": _accuracies([r for _, r in rows]),
         "seen": _accuracies([r for p, r in rows if not p.held_out]),
@@ -245,9 +248,12 @@ def eval_shapes_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="latentdiff eval-shapes", description=eval_shapes_main.__doc__)
     parser.add_argument("--model", help="model folder or file (default: the shipped model)")
     parser.add_argument("--n-per-prompt", type=int, required=True, help="images per caption (224 captions)")
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default=DEFAULTS["sampler"])
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    parser.add_argument("--scale", type=float, default=DEFAULTS["scale"], help="classifier-free guidance scale")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes whose captions to judge")
+    parser.add_argument("--lora", help="a LoRA file to apply (pytorch_lora_weights.safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-holdout", action="store_true", help="skip the held-out (color, shape) captions")
@@ -269,6 +275,12 @@ def eval_shapes_main(argv: list[str]) -> int:
         parser.error(f"unknown precision {args.precision!r}; expected one of: {', '.join(PRECISIONS)}.")
     if args.model is not None and not Path(args.model).exists():
         parser.error(f"model path {args.model} does not exist.")
+    if args.lora is not None and not Path(args.lora).is_file():
+        parser.error(f"LoRA file {args.lora} does not exist.")
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
+    unknown = [s for s in shapes if s not in SHAPE_DRAWERS]
+    if not shapes or unknown:
+        parser.error(f"unknown shape(s) {unknown or args.shapes!r}; expected some of: {', '.join(SHAPE_DRAWERS)}.")
     _check_output(parser, args.out)
     _check_output(parser, args.grid)
 
@@ -279,7 +291,9 @@ def eval_shapes_main(argv: list[str]) -> int:
     except ModelError as err:
         print(f"latentdiff eval-shapes: error: {err}", file=sys.stderr)
         return 2
-    common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed,
+    if args.lora:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed, shapes=shapes,
                   batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True)
     if args.sweep:
         result = [evaluate(pipe, sampler=sampler, steps=steps, **common)

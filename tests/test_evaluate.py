@@ -92,7 +92,7 @@ def _seen_shapes():
 
 
 def test_image_seeds_do_not_depend_on_batching_or_count(monkeypatch):
-    monkeypatch.setattr(ev, "judge", lambda image: {"background": None, "foreground": None, "shape": None})
+    monkeypatch.setattr(ev, "judge", lambda image, shapes=None: {"background": None, "foreground": None, "shape": None})
     a, b = FakePipe(), FakePipe()
     ev.evaluate(a, n_per_prompt=1, sampler="ddim", steps=1, guidance_scale=1.0, batch_size=7, include_holdout=False)
     ev.evaluate(b, n_per_prompt=2, sampler="ddim", steps=1, guidance_scale=1.0, batch_size=64)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .pngmeta import GenerationParams, atomic_write_bytes, read_params, save_png
-from .precision import PRECISIONS, process_state
+from .precision import PRECISIONS, precision_name, process_state
 
 SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral")  # checked against the registry in tests
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -140,7 +140,7 @@ def run(args, prompts: list[str]) -> int:
         first_line = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise ModelError(f"cannot load model {args.model or 'default'}: {first_line}") from e
     load_s = time.perf_counter() - t0
-    precision = args.precision if args.precision != "auto" else {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(pipe.dtype)]
+    precision = args.precision if args.precision != "auto" else precision_name(pipe.dtype)
     size = pipe.unet.config.sample_size * pipe.vae_scale
     width, height = args.W or size, args.H or size
 

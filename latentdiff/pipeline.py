@@ -54,8 +54,7 @@ class LatentDiffusionPipeline:
     def from_pretrained(cls, folder, *, device=None, precision: str = "auto") -> "LatentDiffusionPipeline":
         """A diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
+        from transformers import CLIPTextModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a CLI
@@ -70,12 +69,7 @@ class LatentDiffusionPipeline:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
         # transformers ≥ 5 reads both key spellings (with and without the `text_model.` prefix real SD folders carry).
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-        if (folder / "tokenizer").is_dir():
-            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        else:
-            tokenizer = text.build_clip_tokenizer()
-        sched_file = folder / "scheduler" / "scheduler_config.json"
-        schedule = ScheduleConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() else ScheduleConfig()
+        tokenizer, schedule = _read_tokenizer_and_schedule(folder)
         return cls(unet, vae, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder).to(device)
 
     @classmethod
@@ -93,16 +87,14 @@ class LatentDiffusionPipeline:
     def from_config(cls, config_dir, *, seed: int = 0) -> "LatentDiffusionPipeline":
         """Randomly initialised components from a folder of component configs (training from scratch)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel
 
         config_dir = Path(config_dir)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-        tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer") if (config_dir / "tokenizer").is_dir() else text.build_clip_tokenizer()
-        sched_file = config_dir / "scheduler" / "scheduler_config.json"
-        schedule = ScheduleConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() else ScheduleConfig()
+        tokenizer, schedule = _read_tokenizer_and_schedule(config_dir)
         return cls(unet, vae, text_encoder, tokenizer, schedule, name=config_dir.name)
 
     def save_pretrained(self, folder, *, dtype: torch.dtype | None = None) -> None:
@@ -311,6 +303,16 @@ def load_pipeline(model=None, *, device=None, precision: str = "auto", optimize:
     else:
         pipe = LatentDiffusionPipeline.from_single_file(path, device=device, precision=precision, **kwargs)
     return optimize_for_inference(pipe, compile=compile) if optimize else pipe
+
+
+def _read_tokenizer_and_schedule(folder: Path):
+    """tokenizer/ (else the bundled CLIP vocabulary) and scheduler/scheduler_config.json (else SD's schedule)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer") if (folder / "tokenizer").is_dir() else text.build_clip_tokenizer()
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = ScheduleConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() else ScheduleConfig()
+    return tokenizer, schedule
 
 
 def _recast_safetensors(file: Path, dtype: torch.dtype) -> None:

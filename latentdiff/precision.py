@@ -20,6 +20,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in _DTYPES.items() if d == dtype)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """`auto` is fp16 on CUDA/MPS, bf16 on CPUs with native bf16, else fp32."""
     if precision not in PRECISIONS:

@@ -4,7 +4,10 @@ import copy
 import pytest
 import torch
 
-from latentdiff.optimize import LeanAttnProcessor, enable_tiled_decode, optimize_for_inference, use_lean_attention
+from torch import nn
+
+from latentdiff.optimize import (LeanAttnProcessor, PrepackedConv2d, PrepackedLinear, enable_tiled_decode,
+                               optimize_for_inference, use_lean_attention, use_prepacked_weights)
 from latentdiff.pipeline import LatentDiffusionPipeline, load_pipeline
 from latentdiff.schedulers import ScheduleConfig
 
@@ -44,6 +47,45 @@ def test_lean_attention_covers_the_unet_and_leaves_the_vae_alone(tiny_pipe):
     unet, vae = copy.deepcopy(tiny_pipe.unet), copy.deepcopy(tiny_pipe.vae)
     assert use_lean_attention(unet) == len(unet.attn_processors)  # every self- and cross-attention block
     assert use_lean_attention(vae) == 0  # group norm + residual inside the VAE's attention: not a plain block
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built into this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_layers_compute_what_the_plain_ones_do(dtype):
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no native bf16 on this CPU")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 8, 1))
+    plain, lin = plain.to(dtype), nn.Linear(8, 24).to(dtype)
+    packed, packed_lin = copy.deepcopy(plain), copy.deepcopy(lin)
+    assert use_prepacked_weights(packed, packed_lin) == 4
+    assert all(type(m) is PrepackedConv2d for m in packed) and type(packed_lin) is PrepackedLinear
+    with torch.inference_mode():
+        for shape in ((2, 8, 16, 16), (1, 8, 12, 20), (2, 8, 16, 16)):  # a new shape repacks; going back repacks again
+            x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+            tokens = torch.randn(shape[0], 7, 8, dtype=dtype)
+            torch.testing.assert_close(packed_lin(tokens), lin(tokens), atol=1e-5, rtol=1e-5)
+        packed_lin.load_state_dict({"weight": lin.weight * 2, "bias": lin.bias})  # in-place update: the pack follows
+        torch.testing.assert_close(packed_lin(tokens), nn.functional.linear(tokens, lin.weight * 2, lin.bias), atol=1e-5, rtol=1e-5)
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    copy.deepcopy(packed)  # the opaque oneDNN tensor is dropped, not copied
+
+
+@needs_onednn
+def test_prepacked_layers_keep_autograd():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    packed = copy.deepcopy(conv)
+    use_prepacked_weights(packed)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        packed(x)  # a pack exists, but a training call must not use it: it has no gradient
+    packed(x).sum().backward()
+    conv(x).sum().backward()
+    torch.testing.assert_close(packed.weight.grad, conv.weight.grad)
 
 
 def test_tiled_decode_leaves_small_images_exact_and_blends_large_ones(tiny_pipe):

@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def measure(dtype_name: str, levers: list[str], size: int, steps: int, profile: 
         optimize.compile_unet(unet)
     g = torch.Generator().manual_seed(0)
     side = size // 8
-    x = torch.randn(2, 4, side, side, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, side, side, generator=g).to(dtype)
+    if "channels_last" in levers:  # a channels_last input alone turns every conv channels_last: baselines stay plain
+        x = x.contiguous(memory_format=torch.channels_last)
     context, t = torch.randn(2, 77, 768, generator=g).to(dtype), torch.tensor(500)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -94,14 +97,16 @@ def run_fresh(name: str, config: tuple[str, list[str]], size: int, steps: int) -
     dtype, levers = config
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_levers as b; "
             f"print('RESULT' + json.dumps(b.measure({dtype!r}, {levers!r}, {size}, {steps}, {name == DEFAULT})))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    with tempfile.TemporaryDirectory() as cache:  # an empty inductor cache: a compile's first call is a cold compile
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[6:])
 
 
 def markdown(res: dict) -> str:
     lines = ["# One CFG UNet step, lever by lever (SD 1.5 architecture, batch 2)", "",
              f"{res['machine']}; torch {res['torch']}. Median of {res['steps']} calls after a first call (which packs "
-             "weights or compiles: its time is the last column). Each row adds one lever to the row above it; each "
+             "weights or compiles from an empty cache: its time is the last column). Each row adds one lever to the row above it; each "
              "ran in a fresh process.", ""]
     for size, rows in res["sizes"].items():
         base = rows[next(iter(CONFIGS))]["step_s"]

@@ -1,12 +1,19 @@
-"""Inference speed levers: each one measured side by side in benchmarks/bench_inference.py, kept only where it pays.
+"""Inference speed levers: each one measured in benchmarks/ (bench_levers.py lever by lever, bench_inference.py
+against diffusers), kept only where it pays.
 
-Kept by default: channels_last (UNet and VAE), a lean scaled-dot-product attention processor, and sliced + tiled
-VAE decoding above 1024 px (memory, not speed). bf16 weights on native-bf16 CPUs come from `precision.resolve_dtype`.
-Opt-in: `torch.compile` of the UNet (`compile=True`; its cold compile costs more than a few images save).
-Left out on CPU: fused QKV projections (7.0 → 6.9 s per image in issue 5's measurement, within noise here, and they
-would hide LoRA layers loaded later); precomputed timestep embeddings (a sinusoid and two small linears on a (1, 320)
-vector per step, nothing next to a UNet call); thread settings (torch already runs one thread per physical core).
-CUDA: the same levers apply (channels_last suits tensor cores; fp16 comes from `precision`), unmeasured here.
+Kept by default, one CFG UNet step of SD 1.5 in bf16 on 2 CPU cores at 256² / 512² (results/levers.md):
+diffusers' bf16 0.99 / 4.92 s; + channels_last (UNet and VAE) 1.06 / 4.20; + a lean scaled-dot-product attention
+processor 0.91 / 4.03; + prepacked oneDNN weights 0.65 / 3.80. bf16 weights on native-bf16 CPUs come from
+`precision.resolve_dtype`. Sliced + tiled VAE decoding above 1024 px keeps 1024² under 8 GB (memory, not speed).
+Opt-in: `torch.compile` of the UNet (`compile=True`). On this CPU it does not pay: with inductor's freezing a step
+takes 0.84 / 4.04 s after a 47–69 s cold compile; it is there for CUDA, where it usually does (unmeasured here).
+Left out, measured no gain here: fused QKV projections (they would also hide LoRA layers loaded later), GEGLU fused
+into oneDNN post-ops, math attention, padded head dims, malloc and denormal settings; precomputed timestep
+embeddings (a sinusoid and two small linears per step) and thread settings (torch already runs one per core).
+Where a 512² step goes: attention 51 % (PyTorch's CPU flash kernel, the same one diffusers calls), convolution 27 %,
+linear 15 %.
+CUDA: channels_last and the attention processor apply as they are, fp16 comes from `precision`; prepacking is CPU
+only. Unmeasured here.
 """
 from __future__ import annotations
 
@@ -48,6 +55,8 @@ class LeanAttnProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, N, C) / (B, 77, D)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         q, k, v = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (q, k, v))  # (B, heads, N, d)
+        if q.device.type == "cpu":  # the CPU flash kernel runs faster on dense heads: 0.36 → 0.31 s at 4096 tokens
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N, C)
         return attn.to_out[0](out)  # to_out[1] is dropout: identity in eval
 
@@ -153,7 +162,7 @@ def enable_tiled_decode(vae) -> None:
 def compile_unet(unet: torch.nn.Module) -> None:
     """`torch.compile` the UNet in place; the first call at each new shape pays the compile time.
 
-    On the CPU with inductor's freezing: weights become constants that it prepacks for oneDNN (0.84 → 0.56 s per
-    256² step measured without vs with); weights changed after the first call (a LoRA loaded later) are not seen.
+    On the CPU with inductor's freezing: weights become constants that it prepacks for oneDNN itself (the eager
+    prepacked layers would break its graph); weights changed after the first call (a LoRA loaded later) are not seen.
     """
     unet.compile(options={"freezing": True} if unet.device.type == "cpu" else None)

@@ -1,17 +1,19 @@
 """Inference speed levers: each one measured in benchmarks/ (bench_levers.py lever by lever, bench_inference.py
 against diffusers), kept only where it pays.
 
-Kept by default, one CFG UNet step of SD 1.5 in bf16 on 2 CPU cores at 256² / 512² (results/levers.md):
-diffusers' bf16 0.99 / 4.92 s; + channels_last (UNet and VAE) 1.06 / 4.20; + a lean scaled-dot-product attention
-processor 0.91 / 4.03; + prepacked oneDNN weights 0.65 / 3.80. bf16 weights on native-bf16 CPUs come from
-`precision.resolve_dtype`. Sliced + tiled VAE decoding above 1024 px keeps 1024² under 8 GB (memory, not speed).
+Kept by default, one CFG UNet step of SD 1.5 in bf16 on 2 CPU cores at 256² / 512² (results/levers.md; runs vary
+by about 10 %): diffusers' bf16 0.90 / 4.23 s; + channels_last (UNet and VAE) 0.86 / 3.95; + a lean
+scaled-dot-product attention processor 0.91 / 3.94; + prepacked oneDNN weights 0.66 / 3.67. bf16 weights on
+native-bf16 CPUs come from `precision.resolve_dtype`. Sliced + tiled VAE decoding above 1024 px keeps 1024² under
+8 GB (memory, not speed).
 Opt-in: `torch.compile` of the UNet (`compile=True`). On this CPU it does not pay: with inductor's freezing a step
-takes 0.84 / 4.04 s after a 47–69 s cold compile; it is there for CUDA, where it usually does (unmeasured here).
+takes 0.83 / 4.00 s after a 85–94 s cold compile; it is there for CUDA, where it usually does (unmeasured here).
 Left out, measured no gain here: fused QKV projections (they would also hide LoRA layers loaded later), GEGLU fused
 into oneDNN post-ops, math attention, padded head dims, malloc and denormal settings; precomputed timestep
 embeddings (a sinusoid and two small linears per step) and thread settings (torch already runs one per core).
-Where a 512² step goes: attention 51 % (PyTorch's CPU flash kernel, the same one diffusers calls), convolution 27 %,
-linear 15 %.
+Where a 512² step goes: attention 49 %, convolution 28 %, linear 16 %. Convs and linears run at 720–920 GFLOP/s
+(oneDNN's bf16 peak here); attention is PyTorch's CPU flash kernel, the one diffusers calls too, at ~145 GFLOP/s
+for 4096 tokens × 40-wide heads: the rest of the gap to diffusers at 512² is there.
 CUDA: channels_last and the attention processor apply as they are, fp16 comes from `precision`; prepacking is CPU
 only. Unmeasured here.
 """

@@ -71,8 +71,41 @@ def test_prepacked_layers_compute_what_the_plain_ones_do(dtype):
             torch.testing.assert_close(packed_lin(tokens), lin(tokens), atol=1e-5, rtol=1e-5)
         packed_lin.load_state_dict({"weight": lin.weight * 2, "bias": lin.bias})  # in-place update: the pack follows
         torch.testing.assert_close(packed_lin(tokens), nn.functional.linear(tokens, lin.weight * 2, lin.bias), atol=1e-5, rtol=1e-5)
+        for model in (packed, plain):  # `.data` edits bypass the version counter (peft's LoRA merge makes them)
+            for conv in model:
+                conv.weight.data += 0.25
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
     assert packed.state_dict().keys() == plain.state_dict().keys()
     copy.deepcopy(packed)  # the opaque oneDNN tensor is dropped, not copied
+
+
+@needs_onednn
+def test_prepacked_layers_built_in_inference_mode():
+    with torch.inference_mode():  # a model loaded under inference_mode holds inference tensors: no version counter
+        conv, lin = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 8)
+        packed_conv, packed_lin = copy.deepcopy(conv), copy.deepcopy(lin)
+        use_prepacked_weights(packed_conv, packed_lin)
+        x = torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(packed_conv(x), conv(x))
+        tokens = torch.randn(1, 8, 5).mT  # a strided view, as activations often are
+        torch.testing.assert_close(packed_lin(tokens), lin(tokens))
+
+
+@needs_onednn
+def test_prepacked_layer_follows_a_peft_lora_merge():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    use_prepacked_weights(model)
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), model)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        with_adapter = model(x)
+        model[0].merge()  # writes `weight.data += delta` into the prepacked base layer
+        torch.testing.assert_close(model(x), with_adapter)
+        model[0].unmerge()
+        torch.testing.assert_close(model(x), with_adapter)
 
 
 @needs_onednn

@@ -106,8 +106,8 @@ def run_fresh(name: str, config: tuple[str, list[str]], size: int, steps: int) -
 def markdown(res: dict) -> str:
     lines = ["# One CFG UNet step, lever by lever (SD 1.5 architecture, batch 2)", "",
              f"{res['machine']}; torch {res['torch']}. Median of {res['steps']} calls after a first call (which packs "
-             "weights or compiles from an empty cache: its time is the last column). Each row adds one lever to the row above it; each "
-             "ran in a fresh process.", ""]
+             "weights or compiles from an empty cache: its time is the last column). Each row adds one lever to the "
+             "row above it; each ran in a fresh process.", ""]
     for size, rows in res["sizes"].items():
         base = rows[next(iter(CONFIGS))]["step_s"]
         lines += [f"## {size}×{size}", "", "| configuration | s / step | vs bf16 | first call s |", "| --- | ---: | ---: | ---: |"]

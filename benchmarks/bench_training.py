@@ -28,7 +28,7 @@ WARMUP = 2
 
 def worker(variant: str, data: Path, out: Path, batch_size: int, steps: int) -> dict:
     """One training run in this process; returns its throughput and peak RSS."""
-    from latentdiff.training import main
+    from latentdiff.commands.train import main
 
     start = time.perf_counter()
     code = main(["--model-config", str(ROOT / "configs/shapes_model"), "--data", str(data), "--output-dir", str(out),

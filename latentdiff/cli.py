@@ -1,4 +1,4 @@
-"""The `latentdiff` command: generate, train, train-vae, make-shapes, eval-shapes."""
+"""The `latentdiff` command: dispatch only; each command lives in latentdiff/commands/."""
 from __future__ import annotations
 
 import sys
@@ -15,35 +15,36 @@ commands:
 
 
 def _generate(argv):
-    from .generate import main
+    from .commands.generate import main
 
     return main(argv, prog="latentdiff generate", positional_prompt=True)
 
 
 def _train(argv):
-    from .training import main
+    from .commands.train import main
 
     return main(argv)
 
 
 def _train_vae(argv):
-    from .training import vae_main
+    from .commands.train import vae_main
 
     return vae_main(argv)
 
 
 def _make_shapes(argv):
-    from .data.shapes import make_shapes_main
+    from .commands.make_shapes import main
 
-    return make_shapes_main(argv)
+    return main(argv)
 
 
 def _eval_shapes(argv):
-    from .evaluate import eval_shapes_main
+    from .commands.eval_shapes import main
 
-    return eval_shapes_main(argv)
+    return main(argv)
 
 
+# Imported on use: `latentdiff --help` and bad commands answer without importing torch.
 COMMANDS = {"generate": _generate, "train": _train, "train-vae": _train_vae, "make-shapes": _make_shapes, "eval-shapes": _eval_shapes}
 
 

@@ -8,12 +8,7 @@ seen in training and held out of it.
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -21,8 +16,7 @@ from tqdm.auto import tqdm
 
 from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPE_DRAWERS, SHAPES, STAR_INNER_RATIO, Prompt,
                           all_prompts, caption)
-from .generate import DEFAULTS
-from .pngmeta import atomic_write_bytes
+from .schedulers import SAMPLERS
 
 # Rotation-invariant features (solidity, fill) of each ideal shape, from its geometry:
 # solidity = area / convex-hull area; fill = area / (pi r_max^2), r_max the farthest point from the centroid.
@@ -131,7 +125,7 @@ def judge(image: np.ndarray, colors=COLORS, shapes=SHAPES) -> dict:
 
 # --- running a pipeline over the grammar --------------------------------------------------------
 
-SWEEP_SAMPLERS = ("ddim", "dpmpp_2m", "euler")
+SWEEP_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if not spec.stochastic)  # ddim, dpmpp_2m, euler
 SWEEP_STEPS = (10, 20, 50)
 _FIELDS = {"background": "background", "foreground": "color", "shape": "shape"}  # verdict key -> Prompt field
 
@@ -233,81 +227,3 @@ def sweep_table(results: list[dict]) -> str:
         lines.append(f"| {s['sampler']} | {s['steps']} | {o['background']:.1%} | {o['foreground']:.1%} | "
                      f"{o['shape']:.1%} | {r['seen']['all']:.1%} | {held} |")
     return "\n".join(lines)
-
-
-def _check_output(parser, path: str | None) -> None:
-    if path is not None and (Path(path).is_dir() or not Path(path).resolve().parent.is_dir()):
-        parser.error(f"cannot write {path}: expected a file name in an existing folder.")
-
-
-def eval_shapes_main(argv: list[str]) -> int:
-    """`latentdiff eval-shapes`: judge a model on every shapes caption; print (and save) the JSON."""
-    from .precision import PRECISIONS
-    from .schedulers import SAMPLERS
-
-    parser = argparse.ArgumentParser(prog="latentdiff eval-shapes", description=eval_shapes_main.__doc__)
-    parser.add_argument("--model", help="model folder or file (default: the shipped model)")
-    parser.add_argument("--n-per-prompt", type=int, required=True, help="images per caption (224 captions)")
-    parser.add_argument("--sampler", default=DEFAULTS["sampler"])
-    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    parser.add_argument("--scale", type=float, default=DEFAULTS["scale"], help="classifier-free guidance scale")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes whose captions to judge")
-    parser.add_argument("--lora", help="a LoRA file to apply (pytorch_lora_weights.safetensors)")
-    parser.add_argument("--lora-scale", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--no-holdout", action="store_true", help="skip the held-out (color, shape) captions")
-    parser.add_argument("--device", default=None, help="torch device (default: the pipeline's choice)")
-    parser.add_argument("--precision", default="auto", help=f"one of {', '.join(PRECISIONS)}")
-    parser.add_argument("--out", help="write the JSON here")
-    parser.add_argument("--grid", help="write a labelled sample grid PNG here")
-    parser.add_argument("--sweep", action="store_true",
-                        help=f"samplers {','.join(SWEEP_SAMPLERS)} x steps {','.join(map(str, SWEEP_STEPS))}: "
-                             "print a markdown table")
-    args = parser.parse_args(argv)
-    for name, value in (("--n-per-prompt", args.n_per_prompt), ("--steps", args.steps),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            parser.error(f"{name} must be at least 1, got {value}.")
-    if args.sampler not in SAMPLERS:
-        parser.error(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(sorted(SAMPLERS))}.")
-    if args.precision not in PRECISIONS:
-        parser.error(f"unknown precision {args.precision!r}; expected one of: {', '.join(PRECISIONS)}.")
-    if args.model is not None and not Path(args.model).exists():
-        parser.error(f"model path {args.model} does not exist.")
-    if args.lora is not None and not Path(args.lora).is_file():
-        parser.error(f"LoRA file {args.lora} does not exist.")
-    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
-    unknown = [s for s in shapes if s not in SHAPE_DRAWERS]
-    if not shapes or unknown:
-        parser.error(f"unknown shape(s) {unknown or args.shapes!r}; expected some of: {', '.join(SHAPE_DRAWERS)}.")
-    _check_output(parser, args.out)
-    _check_output(parser, args.grid)
-
-    from .pipeline import ModelError, load_pipeline
-
-    try:
-        pipe = load_pipeline(args.model, device=args.device, precision=args.precision)
-    except ModelError as err:
-        print(f"latentdiff eval-shapes: error: {err}", file=sys.stderr)
-        return 2
-    if args.lora:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
-    common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed, shapes=shapes,
-                  batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True)
-    if args.sweep:
-        result = [evaluate(pipe, sampler=sampler, steps=steps, **common)
-                  for sampler in SWEEP_SAMPLERS for steps in SWEEP_STEPS]
-        print(sweep_table(result))
-    else:
-        result = evaluate(pipe, sampler=args.sampler, steps=args.steps, **common)
-        print(json.dumps(result, indent=2))
-    if args.out:
-        atomic_write_bytes(Path(args.out), (json.dumps(result, indent=2) + "\n").encode())
-    if args.grid:
-        grid = sample_grid(pipe, sampler=args.sampler, steps=args.steps, guidance_scale=args.scale,
-                           seed=args.seed, batch_size=args.batch_size)
-        buffer = io.BytesIO()
-        grid.save(buffer, format="PNG")
-        atomic_write_bytes(Path(args.grid), buffer.getvalue())
-    return 0

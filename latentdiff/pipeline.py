@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,18 +11,20 @@ import numpy as np
 import torch
 
 from . import text
+from .config import DEFAULTS
+from .devices import default_device
+from .errors import ModelError
+from .files import atomic_dir, file_sha256
 from .guidance import cfg_combine
 from .optimize import optimize_for_inference
-from .precision import default_device, resolve_dtype
-from .schedulers import SAMPLERS, ScheduleConfig, get_sampler
-from .schedulers.base import randn
+from .precision import component_dtypes
+from .schedulers import ScheduleConfig, get_sampler, randn
+from .vae import decode as decode_latents, encode as encode_pixels
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 MAX_SEED = 2**32 - 1
-
-
-class ModelError(ValueError):
-    """A model path that cannot be loaded, or a model that produced NaN / blank output."""
+OUTPUT_TYPES = ("pil", "numpy", "pt", "latents")
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single files: safetensors, or weights-only pickles
 
 
 @dataclass
@@ -63,14 +63,13 @@ class LatentDiffusionPipeline:
             if not (folder / sub / "config.json").is_file():
                 raise ModelError(f"{folder} is not a diffusers-format model folder: {sub}/config.json is missing")
         device = torch.device(device) if device is not None else default_device()
-        dtype = resolve_dtype(precision, device)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        # fp16 overflows in the SD VAE decoder (diffusers' force_upcast): keep it in float32 there.
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if dtype == torch.float16 else dtype)
+        dtypes = component_dtypes(precision, device)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtypes.unet)
+        autoencoder = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtypes.vae)
         # transformers ≥ 5 reads both key spellings (with and without the `text_model.` prefix real SD folders carry).
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtypes.text_encoder)
         tokenizer, schedule = _read_tokenizer_and_schedule(folder)
-        return cls(unet, vae, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder).to(device)
+        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder).to(device)
 
     @classmethod
     def from_single_file(cls, path, *, device=None, precision: str = "auto", config_dir=None, prediction_type=None) -> "LatentDiffusionPipeline":
@@ -79,8 +78,8 @@ class LatentDiffusionPipeline:
 
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
-        dtype = resolve_dtype(precision, device)
-        parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type, torch_dtype=dtype)
+        parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type,
+                                 dtypes=component_dtypes(precision, device))
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["schedule"], name=path.stem, source=path).to(device)
 
     @classmethod
@@ -92,47 +91,37 @@ class LatentDiffusionPipeline:
         config_dir = Path(config_dir)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        autoencoder = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
         tokenizer, schedule = _read_tokenizer_and_schedule(config_dir)
-        return cls(unet, vae, text_encoder, tokenizer, schedule, name=config_dir.name)
+        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=config_dir.name)
 
     def save_pretrained(self, folder, *, dtype: torch.dtype | None = None) -> None:
-        """Write a diffusers-format folder (that diffusers' StableDiffusionPipeline loads) atomically: build `folder.tmp`, then rename."""
+        """Write a diffusers-format folder (that diffusers' StableDiffusionPipeline loads) atomically: built beside it, then swapped in."""
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub, model in (("unet", self.unet), ("vae", self.vae)):
-            model.save_pretrained(tmp / sub, safe_serialization=True)
-            if dtype is not None:
-                _recast_safetensors(tmp / sub / "diffusion_pytorch_model.safetensors", dtype)
-        self.text_encoder.config.save_pretrained(tmp / "text_encoder")
-        # The `text_model.` prefix is the layout real SD folders (and transformers 4) use.
-        state = {("" if k.startswith("text_model.") else "text_model.") + k: v.detach().to(dtype or v.dtype).contiguous()
-                 for k, v in self.text_encoder.state_dict().items() if not k.endswith("position_ids")}
-        save_file(state, tmp / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
-        sched = {"_class_name": "DDIMScheduler", **self.schedule.to_diffusers(), "clip_sample": False, "set_alpha_to_one": False}
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-        index = {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            for sub, model in (("unet", self.unet), ("vae", self.vae)):
+                model.save_pretrained(tmp / sub, safe_serialization=True)
+                if dtype is not None:
+                    _recast_safetensors(tmp / sub / "diffusion_pytorch_model.safetensors", dtype)
+            self.text_encoder.config.save_pretrained(tmp / "text_encoder")
+            # The `text_model.` prefix is the layout real SD folders (and transformers 4) use.
+            state = {("" if k.startswith("text_model.") else "text_model.") + k: v.detach().to(dtype or v.dtype).contiguous()
+                     for k, v in self.text_encoder.state_dict().items() if not k.endswith("position_ids")}
+            save_file(state, tmp / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            (tmp / "scheduler").mkdir()
+            sched = {"_class_name": "DDIMScheduler", **self.schedule.to_diffusers(), "clip_sample": False, "set_alpha_to_one": False}
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+            index = {
+                "_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         for model in (self.unet, self.vae, self.text_encoder):
@@ -142,7 +131,7 @@ class LatentDiffusionPipeline:
 
     def load_lora(self, path, scale: float = 1.0) -> None:
         """Apply LoRA adapters saved by `latentdiff train --lora-rank N` (diffusers' load_lora_weights layout)."""
-        from .training.lora import load_lora
+        from .adapters import load_lora
 
         load_lora(self.unet, self.text_encoder, path, scale=scale)
 
@@ -158,19 +147,13 @@ class LatentDiffusionPipeline:
     def model_hash(self) -> str:
         """A1111-style short hash: first 10 hex digits of the sha256 of the weights file (the UNet's, for a folder)."""
         if self._hash is None:
-            from .pngmeta import file_sha256
-
             src = self.source
             if src is not None and src.is_dir():
                 src = next((src / "unet").glob("*.safetensors"), None)
             self._hash = file_sha256(src)[:10] if src is not None and src.is_file() else ""
         return self._hash
 
-    # ---------------------------------------------------------------- generation
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = text.tokenize(self.tokenizer, prompts)
-        return text.encode(self.text_encoder, ids.to(self.device))  # (B, 77, D)
-
+    # ---------------------------------------------------------------- generation, stage by stage
     @torch.inference_mode()
     def __call__(
         self,
@@ -179,109 +162,139 @@ class LatentDiffusionPipeline:
         *,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = DEFAULTS.steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
         num_images_per_prompt: int = 1,
         seed: int | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        sampler: str = "dpmpp_2m",
-        eta: float = 0.0,
+        sampler: str = DEFAULTS.sampler,
+        eta: float = DEFAULTS.eta,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
     ) -> GenerationOutput:
-        # 1. Check inputs (before any work)
+        """Text to image: check → generators → encode prompts → initial latents → denoise → decode."""
+        prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
+        height, width = self.check_size(height, width)
+        check_steps_and_output(num_inference_steps, output_type)
+        scheduler = get_sampler(sampler, self.schedule, eta=eta)
+        seeds, generators = make_generators(len(prompts), seed, generator)
+        do_cfg = guidance_scale > 1.0
+        context = self.encode_prompt(prompts, negatives if do_cfg else None)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self.prepare_latents(len(prompts), height, width, generators, scheduler, latents)
+        def hook(i, t, x):
+            callback(i, int(t), x)
+
+        latents = self.denoise(latents, context, scheduler, guidance_scale, generators, on_step=hook if callback else None, progress=progress)
+        if output_type == "latents":
+            return GenerationOutput(latents, seeds)
+        return GenerationOutput(to_output(self.decode(latents), output_type), seeds)
+
+    def check_inputs(self, prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list[str], list[str]]:
+        """Prompts and negative prompts, one per image."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n = len(prompts)
-        size = self.unet.config.sample_size * self.vae_scale
-        height, width = height or size, width or size
-        if n == 0:
+        if not prompts:
             raise ValueError("no prompt given; pass a string or a list of strings (an empty string is an unconditional sample)")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt or ""] * len(prompts)
+        elif len(negative_prompt) != len(prompts):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts; pass one, or one per prompt")
+        repeat = lambda items: [p for p in items for _ in range(num_images_per_prompt)]  # noqa: E731
+        return repeat(prompts), repeat(negative_prompt)
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels; None is the model's native size."""
+        native = self.unet.config.sample_size * self.vae_scale
+        height, width = native if height is None else height, native if width is None else width
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of: {', '.join(sorted(SAMPLERS))}")
-        if output_type not in ("pil", "numpy", "pt", "latents"):
-            raise ValueError(f"unknown output_type {output_type!r}; expected pil, numpy, pt or latents")
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * n
-        else:
-            negatives = [p for p in negative_prompt for _ in range(num_images_per_prompt)]
-            if len(negatives) != n:
-                raise ValueError(f"got {len(negative_prompt)} negative prompts for {n // num_images_per_prompt} prompts; pass one, or one per prompt")
+        return height, width
 
-        # 2. One seed and one CPU generator per image, so an image never depends on its batch
-        if generator is not None:
-            generators = _as_list(generator, n, "generators")
-            seeds = [g.initial_seed() for g in generators]
-        else:
-            if seed is None:
-                seeds = [secrets.randbelow(MAX_SEED) for _ in range(n)]
-            elif isinstance(seed, int):
-                seeds = [seed + i for i in range(n)]
-            else:
-                seeds = _as_list(seed, n, "seeds")
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
+        """Context (B, 77, D); with negatives, [uncond; cond] (2B, 77, D) for one CFG batch through the UNet."""
+        ids = text.tokenize(self.tokenizer, prompts if negatives is None else negatives + prompts)
+        return text.encode(self.text_encoder, ids.to(self.device))
 
-        # 3. Encode prompts; with guidance, [uncond; cond] go through the UNet as one batch
-        do_cfg = guidance_scale > 1.0
-        context = self.encode_prompts(negatives + prompts if do_cfg else prompts)  # (2B or B, 77, D)
-
-        # 4. Timesteps
-        scheduler = get_sampler(sampler, self.schedule, **({"eta": eta} if sampler == "ddim" else {}))
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-
-        # 5. Initial latents x_T ~ N(0, σ_max² I), drawn on the CPU per image
+    def prepare_latents(self, n: int, height: int, width: int, generators, scheduler, latents=None) -> torch.Tensor:
+        """x_T ~ N(0, σ_max² I): standard noise drawn on the CPU per image (or the given `latents`), scaled."""
         shape = (n, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is None:
             latents = randn(shape, generators, torch.device("cpu"), torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = (latents.float() * scheduler.init_noise_sigma).to(self.device)
+        return (latents.float() * scheduler.init_noise_sigma).to(self.device)
 
-        # 6. Denoising loop
+    def denoise(self, latents, context, scheduler, guidance_scale: float, generators, *, start: int = 0,
+                on_step: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        """The sampling loop over scheduler.timesteps[start:]; float32 latents in and out.
+
+        With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `on_step(i, t, latents)`
+        runs after every step; a tensor it returns replaces the latents (a hook can blend in what must be kept).
+        """
         from tqdm.auto import tqdm
 
-        for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
+        do_cfg = guidance_scale > 1.0
+        for i, t in enumerate(tqdm(scheduler.timesteps[start:], disable=not progress, desc="sampling", leave=False), start):
             x_in = scheduler.scale_model_input(latents, t)
             x_in = torch.cat([x_in, x_in]) if do_cfg else x_in
-            eps = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=context, return_dict=False)[0]
+            eps = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=context, return_dict=False)[0].float()
             if do_cfg:
-                eps_uncond, eps_cond = eps.float().chunk(2)
-                eps = cfg_combine(eps_uncond, eps_cond, guidance_scale)
-            latents = scheduler.step(eps.float(), t, latents, generator=generators)
-            if callback is not None:
-                callback(i, int(t), latents)
+                eps = cfg_combine(*eps.chunk(2), guidance_scale)
+            latents = scheduler.step(eps, t, latents, generator=generators)
+            if on_step is not None:
+                replaced = on_step(i, t, latents)
+                latents = latents if replaced is None else replaced
         if not torch.isfinite(latents).all():
             raise ModelError("the UNet produced NaN/inf latents; try --precision fp32 (fp16 can overflow)")
-        if output_type == "latents":
-            return GenerationOutput(latents, seeds)
-
-        # 7. Decode
-        images = self.decode(latents)  # (B, 3, H, W) float32 in [0, 1]
-        if output_type == "pt":
-            return GenerationOutput(images, seeds)
-        arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        if output_type == "numpy":
-            return GenerationOutput(arr, seeds)
-        from PIL import Image
-
-        return GenerationOutput([Image.fromarray(a) for a in arr], seeds)
+        return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """x_0 latents → images in [0, 1]; the VAE's own dtype, float32 output."""
-        vae_dtype = self.vae.dtype
-        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype), return_dict=False)[0].float()
-        if not torch.isfinite(image).all():
-            raise ModelError("the VAE decoder produced NaN/inf pixels; decode in float32 (--precision fp32)")
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if (image == 0).all():
-            raise ModelError("the VAE decoder produced an all-black image; the model weights are likely broken")
-        return image
+        """Scaled latents → images (B, 3, H, W) in [0, 1], float32."""
+        return decode_latents(self.vae, latents)
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator`."""
+        return encode_pixels(self.vae, pixels, generator)
+
+
+def check_steps_and_output(num_inference_steps: int, output_type: str) -> None:
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; expected one of: {', '.join(OUTPUT_TYPES)}")
+
+
+def make_generators(n: int, seed=None, generator=None) -> tuple[list[int], list[torch.Generator]]:
+    """One seed and one CPU generator per image, so an image never depends on its batch.
+
+    `seed`: an int (image i gets seed + i), a list (one per image) or None (random); `generator`(s) win over it.
+    """
+    if generator is not None:
+        generators = _as_list(generator, n, "generators")
+        return [g.initial_seed() for g in generators], generators
+    if seed is None:
+        seeds = [secrets.randbelow(MAX_SEED) for _ in range(n)]
+    elif isinstance(seed, int):
+        seeds = [seed + i for i in range(n)]
+    else:
+        seeds = [int(s) for s in _as_list(seed, n, "seeds")]
+    return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) float in [0, 1] → "pt" as is, "numpy" uint8 (B, H, W, 3), or "pil" images."""
+    if output_type == "pt":
+        return images
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    if output_type == "numpy":
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arr]
 
 
 def load_pipeline(model=None, *, device=None, precision: str = "auto", optimize: bool = True, compile: bool = False,
@@ -298,7 +311,7 @@ def load_pipeline(model=None, *, device=None, precision: str = "auto", optimize:
         raise ModelError(f"model path {path} does not exist; expected a diffusers-format folder or a .safetensors/.ckpt file")
     if path.is_dir():
         pipe = LatentDiffusionPipeline.from_pretrained(path, device=device, precision=precision)
-    elif path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+    elif path.suffix.lower() not in MODEL_SUFFIXES:
         raise ModelError(f"model file {path} has an unknown extension; expected .safetensors or .ckpt")
     else:
         pipe = LatentDiffusionPipeline.from_single_file(path, device=device, precision=precision, **kwargs)

@@ -6,24 +6,23 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# A1111's display names → ours, so PNGs made by other SD tools replay here too.
-_A1111_SAMPLERS = {"ddim": "ddim", "ddpm": "ddpm", "dpm++ 2m": "dpmpp_2m", "euler": "euler", "euler a": "euler_ancestral"}
+from .config import DEFAULTS
+from .files import atomic_write_bytes
+from .schedulers import from_a1111
 
 
 @dataclass
 class GenerationParams:
     prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "dpmpp_2m"
-    cfg_scale: float = 7.5
+    negative_prompt: str = DEFAULTS.negative_prompt
+    steps: int = DEFAULTS.steps
+    sampler: str = DEFAULTS.sampler
+    cfg_scale: float = DEFAULTS.guidance_scale
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -53,10 +52,10 @@ class GenerationParams:
         if body.startswith("Negative prompt: "):
             prompt, negative = "", body[len("Negative prompt: "):]
         width, _, height = fields.pop("Size", "512x512").partition("x")
-        sampler = fields.pop("Sampler", "dpmpp_2m")
+        sampler = fields.pop("Sampler", DEFAULTS.sampler)
         return cls(
             prompt=prompt, negative_prompt=negative, steps=int(fields.pop("Steps")),
-            sampler=_A1111_SAMPLERS.get(sampler.lower(), sampler), cfg_scale=float(fields.pop("CFG scale", 7.5)),
+            sampler=from_a1111(sampler), cfg_scale=float(fields.pop("CFG scale", DEFAULTS.guidance_scale)),
             seed=int(fields.pop("Seed", 0)), width=int(width), height=int(height),
             model=fields.pop("Model", ""), model_hash=fields.pop("Model hash", ""), extra=fields,
         )
@@ -78,15 +77,20 @@ def _parse_fields(line: str):
         yield key, value
 
 
-def save_png(path: Path, image, params: GenerationParams) -> None:
-    """Write atomically (temporary name, then rename) with the `parameters` chunk."""
+def write_png(path, image, parameters: str | None = None) -> None:
+    """Write a PIL image as a PNG atomically (temporary name, then rename), with a `parameters` chunk if given."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", params.to_text())
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def save_png(path, image, params: GenerationParams) -> None:
+    write_png(path, image, params.to_text())
 
 
 def read_params(path) -> GenerationParams:
@@ -97,17 +101,3 @@ def read_params(path) -> GenerationParams:
     if text is None:
         raise ValueError(f"{path} has no 'parameters' text chunk; expected a PNG written by latentdiff or another SD tool")
     return GenerationParams.from_text(text)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,7 +1,11 @@
-"""Precision names (`fp32`, `bf16`, `fp16`, `auto`) → torch dtypes for a device."""
+"""One precision policy: the dtype of each component (UNet, text encoder, VAE) for a device and a precision name.
+
+Every loader asks `component_dtypes`; nothing else decides a model's dtype.
+"""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +28,14 @@ def precision_name(dtype: torch.dtype) -> str:
     return next(name for name, d in _DTYPES.items() if d == dtype)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA/MPS, bf16 on CPUs with native bf16, else fp32."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp16 on CUDA/MPS, bf16 on CPUs with native bf16, else fp32."""
+    check_precision(precision)
     if precision != "auto":
         return _DTYPES[precision]
     if device.type in ("cuda", "mps"):
@@ -37,16 +45,15 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def process_state():
-    """accelerate's view of this process (rank, world size, device: one GPU per process under `accelerate launch`).
-
-    With no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes; accelerate joins them
-    with gloo only when told the run is on the CPU, hence `cpu=`.
-    """
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
+@dataclass(frozen=True)
+class ComponentDtypes:
+    unet: torch.dtype
+    text_encoder: torch.dtype
+    vae: torch.dtype
 
 
-def default_device() -> torch.device:
-    return process_state().device
+def component_dtypes(precision: str, device) -> ComponentDtypes:
+    """The UNet and text encoder run in the resolved dtype; the VAE too, except that fp16 overflows in the SD VAE
+    decoder (diffusers' `force_upcast`), so with fp16 it stays in float32."""
+    dtype = resolve_dtype(precision, torch.device(device))
+    return ComponentDtypes(unet=dtype, text_encoder=dtype, vae=torch.float32 if dtype == torch.float16 else dtype)

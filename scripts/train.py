@@ -4,7 +4,7 @@ Also `accelerate launch --num_processes N scripts/train.py …`; `vae` as the fi
 """
 import sys
 
-from latentdiff.training import main, vae_main
+from latentdiff.commands.train import main, vae_main
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["vae"]:

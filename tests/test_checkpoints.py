@@ -14,7 +14,6 @@ from latentdiff.checkpoints import (
     CheckpointError,
     clip_keymap,
     load_single_file,
-    load_text_encoder,
     load_text_encoder_state,
     openclip_keymap,
     read_state_dict,
@@ -23,6 +22,7 @@ from latentdiff.checkpoints import (
     vae_keymap,
 )
 from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS, _schedule
+from latentdiff.precision import component_dtypes
 from latentdiff.schedulers.schedules import ScheduleConfig
 
 ORIGINAL_KEY = re.compile(
@@ -207,13 +207,14 @@ def test_text_encoder_accepts_both_key_spellings(sd1, tmp_path):
     with pytest.raises(CheckpointError, match="1 missing"):
         load_text_encoder_state(CLIPTextModel(text_encoder.config), {k: v for k, v in plain.items() if k != "final_layer_norm.bias"})
 
-    # diffusers folders: written by transformers 5 (no prefix) or by older versions (prefixed)
+    # diffusers folders (read by transformers itself, as the folder loader does): written by transformers 5
+    # (no prefix) or by older versions (prefixed)
     text_encoder.save_pretrained(tmp_path / "new" / "text_encoder")
     (tmp_path / "old").mkdir()
     text_encoder.config.save_pretrained(tmp_path / "old")
     save_file({k: v.contiguous() for k, v in prefixed.items()}, tmp_path / "old" / "model.safetensors")
-    for folder in (tmp_path / "new", tmp_path / "old"):
-        loaded = load_text_encoder(folder)
+    for folder in (tmp_path / "new" / "text_encoder", tmp_path / "old"):
+        loaded = CLIPTextModel.from_pretrained(folder)
         assert_same_weights(text_encoder.state_dict(), loaded.state_dict())
         torch.testing.assert_close(loaded(ids())[0], text_encoder(ids())[0], rtol=0, atol=0)
 
@@ -224,9 +225,11 @@ def test_weights_only_ckpt_loads(sd1, sd1_file, tmp_path):
     torch.save(state, plain)
     torch.save({"state_dict": state, "global_step": 7}, lightning)
     assert_same_weights(state, read_state_dict(lightning))
-    loaded = load_single_file(plain, config_dir=_config_dir(tmp_path, sd1), torch_dtype=torch.float16)
-    assert loaded["unet"].dtype == torch.float16
-    assert torch.equal(loaded["vae"].decoder.conv_out.weight, sd1[1].decoder.conv_out.weight.half())
+    loaded = load_single_file(plain, config_dir=_config_dir(tmp_path, sd1), dtypes=component_dtypes("fp16", "cpu"))
+    assert loaded["unet"].dtype == loaded["text_encoder"].dtype == torch.float16
+    # the precision policy keeps an fp16 model's VAE in float32, as the folder loader does (diffusers' force_upcast)
+    assert loaded["vae"].dtype == torch.float32
+    assert torch.equal(loaded["vae"].decoder.conv_out.weight, sd1[1].decoder.conv_out.weight)
 
 
 class _RunsCode:

@@ -1,16 +1,16 @@
 """The pixel judge on the generator's own images, and the eval-shapes driver on a stand-in pipeline."""
 
 import json
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import parse_caption
 from latentdiff import evaluate as ev
-from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, parse_caption, render
+from latentdiff.commands import eval_shapes
+from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, render
 
 
 def _judge_accuracy(folder, shapes):
@@ -103,15 +103,12 @@ def test_image_seeds_do_not_depend_on_batching_or_count(monkeypatch):
 
 @pytest.fixture
 def fake_pipeline_module(monkeypatch):
-    module = types.ModuleType("latentdiff.pipeline")
-    module.ModelError = type("ModelError", (ValueError,), {})
-    module.load_pipeline = lambda model, device=None, precision="auto": FakePipe()
-    monkeypatch.setitem(sys.modules, "latentdiff.pipeline", module)
+    monkeypatch.setattr(eval_shapes, "load_pipeline", lambda model, device=None, precision="auto": FakePipe())
 
 
 def test_eval_shapes_main_writes_json_and_grid(tmp_path, capsys, fake_pipeline_module):
     out, grid = tmp_path / "r.json", tmp_path / "grid.png"
-    assert ev.eval_shapes_main(["--n-per-prompt", "1", "--steps", "3", "--out", str(out), "--grid", str(grid)]) == 0
+    assert eval_shapes.main(["--n-per-prompt", "1", "--steps", "3", "--out", str(out), "--grid", str(grid)]) == 0
     result = json.loads(out.read_text())
     assert result == json.loads(capsys.readouterr().out)
     assert result["overall"]["all"] == 1.0 and result["settings"]["steps"] == 3
@@ -127,8 +124,8 @@ def test_eval_shapes_sweep_prints_a_table(tmp_path, capsys, fake_pipeline_module
         acc = {"background": 1.0, "foreground": 0.5, "shape": 0.25, "all": 0.125, "n": 8}
         return {"settings": {"sampler": sampler, "steps": steps}, "overall": acc, "seen": acc, "held_out": None}
 
-    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
-    assert ev.eval_shapes_main(["--n-per-prompt", "1", "--sweep", "--out", str(tmp_path / "s.json")]) == 0
+    monkeypatch.setattr(eval_shapes, "evaluate", fake_evaluate)
+    assert eval_shapes.main(["--n-per-prompt", "1", "--sweep", "--out", str(tmp_path / "s.json")]) == 0
     assert calls == [(s, n) for s in ev.SWEEP_SAMPLERS for n in ev.SWEEP_STEPS]
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 + 9 and table[2] == "| ddim | 10 | 100.0% | 50.0% | 25.0% | 12.5% | - |"
@@ -144,6 +141,6 @@ def test_eval_shapes_sweep_prints_a_table(tmp_path, capsys, fake_pipeline_module
 ])
 def test_eval_shapes_main_rejects_bad_args(argv, capsys, fake_pipeline_module):
     with pytest.raises(SystemExit) as info:
-        ev.eval_shapes_main(argv)
+        eval_shapes.main(argv)
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err

@@ -155,3 +155,18 @@ def test_single_file_in_original_layout_gives_the_same_images(tmp_path, pipe, ti
     a = pipe(PROMPTS, seed=5, num_inference_steps=3, output_type="pt", progress=False).images
     b = single(PROMPTS, seed=5, num_inference_steps=3, output_type="pt", progress=False).images
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision, expected", [
+    ("fp16", (torch.float16, torch.float16, torch.float32)),  # the SD VAE overflows in fp16: it stays float32
+    ("bf16", (torch.bfloat16, torch.bfloat16, torch.bfloat16)),
+    ("fp32", (torch.float32, torch.float32, torch.float32)),
+])
+def test_folder_and_single_file_loaders_follow_one_precision_policy(tmp_path, pipe, tiny_model_dir, precision, expected):
+    from latentdiff.checkpoints import save_single_file
+
+    single = tmp_path / "model.safetensors"
+    save_single_file(single, pipe.unet, pipe.vae, pipe.text_encoder, schedule=pipe.schedule)
+    for model in (tiny_model_dir, single):
+        loaded = load_pipeline(model, device="cpu", precision=precision, optimize=False)
+        assert (loaded.unet.dtype, loaded.text_encoder.dtype, loaded.vae.dtype) == expected, model

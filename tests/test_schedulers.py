@@ -20,7 +20,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from latentdiff.schedulers import SAMPLERS, ScheduleConfig, get_sampler, schedules
+from latentdiff.schedulers import SAMPLERS, ScheduleConfig, from_a1111, get_sampler, schedules
 from latentdiff.schedulers.base import randn
 
 SHAPE = (2, 4, 8, 8)
@@ -122,10 +122,31 @@ def test_add_noise_and_velocity_match_diffusers(config_name):
     torch.testing.assert_close(ac, ref.alphas_cumprod, atol=0, rtol=0)
     torch.testing.assert_close(schedules.add_noise(x0, noise, t, ac), ref.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(schedules.get_velocity(x0, noise, t, ac), ref.get_velocity(x0, noise, t), atol=1e-6, rtol=1e-6)
-    sampler = get_sampler("ddpm", config)
-    assert sampler.add_noise(x0.bfloat16(), noise.bfloat16(), t).dtype == torch.bfloat16
-    torch.testing.assert_close(sampler.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(sampler.snr(t), ac[t] / (1 - ac[t]))
+    torch.testing.assert_close(schedules.snr(t, ac), ac[t] / (1 - ac[t]))
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_add_noise_matches_diffusers(name, config_name):
+    """Each sampler noises in its own parameterisation: VP for DDPM/DDIM/DPM++, x_0 + σ ε for the Euler family."""
+    config = CONFIGS[config_name]
+    ours, ref = get_sampler(name, config), oracle(name, config)
+    ours.set_timesteps(STEPS)
+    ref.set_timesteps(STEPS)
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = ours.timesteps[[0, STEPS // 2]]
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5)
+    assert ours.add_noise(x0.bfloat16(), noise.bfloat16(), t).dtype == torch.bfloat16
+
+
+def test_get_sampler_options():
+    assert get_sampler("ddim", ScheduleConfig(), eta=0.5).eta == 0.5
+    assert isinstance(get_sampler("euler", ScheduleConfig(), eta=0.0), SAMPLERS["euler"].cls)  # neutral value: ignored
+    with pytest.raises(ValueError, match="sampler 'euler' takes no eta"):
+        get_sampler("euler", ScheduleConfig(), eta=0.5)
+    assert from_a1111("Euler a") == "euler_ancestral" and from_a1111("DPM++ 2M") == "dpmpp_2m"
+    assert from_a1111("dpmpp_2m") == "dpmpp_2m"
 
 
 def test_randn_matches_diffusers_and_is_per_element():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff.training import main, vae_main
+from latentdiff.commands.train import main, vae_main
 from latentdiff.training.config import ConfigError, TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,7 @@ def test_k_plus_resume_plus_k_equals_2k(shapes, tiny_config, tiny_vae, tmp_path)
     print("max parameter difference, 6 steps vs 3 + resume + 3:", assert_same_run(full, split))
 
 
+@pytest.mark.slow
 def test_kill_9_during_save_keeps_previous_checkpoint(shapes, tiny_config, tiny_vae, tmp_path):
     """SIGKILL while ckpt-000006 is being written: ckpt-000003 stays usable, `latest` finds it, the resumed run is exact."""
     import signal
@@ -300,6 +301,7 @@ def test_lora_file_loads_in_diffusers_with_the_same_output(shapes, tiny_pretrain
 # ----------------------------------------------------------------------------------------- distributed
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_disjoint_shards(shapes, tiny_config, tiny_vae, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU: gloo DDP, one shard a process, a loadable result."""
     import subprocess

@@ -1,7 +1,7 @@
 """Checkpoint I/O: weight files, the original <-> diffusers key maps, single-file load and export."""
 from .files import CheckpointError, read_state_dict
 from .keymaps import KeyMap, clip_keymap, openclip_keymap, unet_keymap, vae_keymap
-from .models import load_text_encoder, load_text_encoder_state
+from .models import load_text_encoder_state
 from .single_file import load_single_file, save_single_file
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "KeyMap",
     "clip_keymap",
     "load_single_file",
-    "load_text_encoder",
     "load_text_encoder_state",
     "openclip_keymap",
     "read_state_dict",

@@ -9,6 +9,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
+
 METADATA_KEY = "latentdiff_config"  # safetensors header entry: JSON of the component configs
 
 
@@ -69,6 +71,5 @@ def write_safetensors(path, state_dict: dict[str, torch.Tensor], config: dict | 
     metadata = {"format": "pt"}
     if config is not None:
         metadata[METADATA_KEY] = json.dumps(config)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=True) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)

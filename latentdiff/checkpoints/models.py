@@ -5,13 +5,10 @@ reader), never a second time for random initialisation.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from accelerate import init_empty_weights
 
-from .files import CheckpointError, mismatch_error, read_state_dict
+from .files import mismatch_error
 
 TEXT_MODEL_PREFIX = "text_model."  # transformers < 5 and every SD folder/file spell CLIP keys with it
 
@@ -55,24 +52,3 @@ def load_text_encoder_state(model, state_dict: dict[str, torch.Tensor]) -> None:
         prefix + k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state_dict.items() if not k.endswith("position_ids")
     }
     load_state(model, state_dict, "text encoder")
-
-
-def load_text_encoder(folder, torch_dtype: torch.dtype | None = None):
-    """CLIPTextModel from a diffusers folder (or its text_encoder/ subfolder), offline and strict."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = Path(folder)
-    if (folder / "text_encoder" / "config.json").is_file():
-        folder = folder / "text_encoder"
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json (expected a text_encoder folder of a diffusers model).")
-    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
-    if not weights:
-        raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin.")
-    config = CLIPTextConfig.from_pretrained(os.fspath(folder))
-    model = build_empty(lambda: CLIPTextModel(config))
-    try:
-        load_text_encoder_state(model, cast(read_state_dict(weights[0]), torch_dtype or torch.float32))
-    except CheckpointError as e:
-        raise CheckpointError(f"{weights[0]}: {e}") from None
-    return model.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..precision import ComponentDtypes
 from ..schedulers.schedules import ScheduleConfig
 from ..text import build_clip_tokenizer
 from .files import CheckpointError, read_metadata_config, read_state_dict, write_safetensors
@@ -90,12 +91,12 @@ def _tokenizer(config_dir, layout: str):
     return build_clip_tokenizer(**settings)
 
 
-def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, torch_dtype: torch.dtype | None = None) -> dict:
+def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, dtypes: ComponentDtypes | None = None) -> dict:
     """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
     when the UNet has the standard SD 1.x/2.x architecture, else "custom". Weights load in
-    `torch_dtype` (default float32).
+    the dtypes of `dtypes` (latentdiff.precision's policy; default float32 throughout).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -104,7 +105,7 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     state_dict = read_state_dict(path)
     layout = _detect_layout(path, state_dict)
     configs = _component_configs(path, layout, config_dir)
-    dtype = torch_dtype or torch.float32
+    dtypes = dtypes or ComponentDtypes(torch.float32, torch.float32, torch.float32)
 
     # 2. empty models from the configs
     unet = build_empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))
@@ -115,9 +116,10 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
 
     # 3. original keys -> diffusers keys, loaded strictly into the empty models
     try:
-        for model, keymap in ((unet, unet_keymap(unet.config)), (vae, vae_keymap(vae.config))):
+        for model, keymap, dtype in ((unet, unet_keymap(unet.config), dtypes.unet), (vae, vae_keymap(vae.config), dtypes.vae)):
             load_state(model, cast(keymap.from_original(state_dict, model.state_dict()), dtype), keymap.name)
-        load_text_encoder_state(text_encoder, cast(text_map.from_original(state_dict, text_encoder_state(text_encoder)), dtype))
+        text_state = text_map.from_original(state_dict, text_encoder_state(text_encoder))
+        load_text_encoder_state(text_encoder, cast(text_state, dtypes.text_encoder))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
 

@@ -2,14 +2,12 @@
 
 from .datasets import (CaptionedImageDataset, DataError, augmentation_rng, collate_skip_none, load_pixels,
                        scan_captioned_images)
-from .latent_cache import CachedLatentDataset, LatentCache, sample_latents, vae_fingerprint
-from .shapes import (COLORS, HOLDOUT, SHAPE_DRAWERS, SHAPES, Prompt, all_prompts, caption, make_shapes,
-                     make_shapes_main, parse_caption)
+from .latent_cache import CachedLatentDataset, LatentCache, vae_fingerprint
+from .shapes import COLORS, HOLDOUT, SHAPE_DRAWERS, SHAPES, Prompt, all_prompts, caption, make_shapes
 
 __all__ = [
     "CaptionedImageDataset", "DataError", "augmentation_rng", "collate_skip_none", "load_pixels",
     "scan_captioned_images",
-    "CachedLatentDataset", "LatentCache", "sample_latents", "vae_fingerprint",
+    "CachedLatentDataset", "LatentCache", "vae_fingerprint",
     "COLORS", "HOLDOUT", "SHAPE_DRAWERS", "SHAPES", "Prompt", "all_prompts", "caption", "make_shapes",
-    "make_shapes_main", "parse_caption",
 ]

@@ -2,7 +2,7 @@
 
 An entry is a safetensors file holding the posterior parameters (mean and log-variance stacked on
 the channel axis, as diffusers' DiagonalGaussianDistribution stores them), so training can still
-sample the posterior instead of always using its mean. The file name is the sha256 of everything
+sample the posterior instead of always using its mean (latentdiff.vae.to_latents). The file name is the sha256 of everything
 that shapes the result: the image bytes, the VAE (weights and config), the resolution, the crop
 and flip modes. A changed image or VAE therefore misses, and stale files are simply never read.
 """
@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from ..pngmeta import atomic_write_bytes
+from ..files import atomic_write_bytes
+from ..vae import posterior
 from .datasets import UNREADABLE, EpochDataset, augmentation_rng, load_pixels
 
 logger = logging.getLogger(__name__)
@@ -32,20 +33,6 @@ def vae_fingerprint(vae) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def sample_latents(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw from the cached posterior: mean + std * noise; params is (..., 2C, h, w).
-
-    Returns unscaled latents: multiplying by vae.config.scaling_factor is the trainer's job.
-    The log-variance clamp matches diffusers' DiagonalGaussianDistribution.
-    """
-    mean, logvar = params.chunk(2, dim=-3)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    # noise is drawn where the generator lives (often the CPU, for device-independent runs)
-    noise_device = generator.device if generator is not None else params.device
-    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=params.dtype).to(params.device)
-    return mean + std * noise
 
 
 class LatentCache:
@@ -89,10 +76,10 @@ class LatentCache:
         return list(dict.fromkeys(missing))  # the same file listed twice is encoded once
 
     @torch.no_grad()
-    def build(self, items, batch_size: int, device, dtype, progress: bool = True) -> int:
-        """Encode the images of `items` without an entry; returns how many were encoded.
+    def build(self, items, batch_size: int, progress: bool = True) -> int:
+        """Encode the images of `items` without an entry, on the VAE's device; returns how many were encoded.
 
-        The VAE must already be on `device` in `dtype`; entries are stored in float32.
+        Entries are stored in float32.
         Unreadable images are logged and left without an entry (CachedLatentDataset skips them).
         """
         missing = self._missing(items)
@@ -111,7 +98,7 @@ class LatentCache:
             x = torch.stack(pixels)  # (B, 3, H, W)
             if self.random_flip:
                 x = torch.cat([x, x.flip(-1)])
-            params = self.vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu()  # (B or 2B, 2C, h, w)
+            params = posterior(self.vae, x).cpu()  # (B or 2B, 2C, h, w)
             for i, path in enumerate(paths):
                 tensors = {"params": params[i].contiguous()}
                 if self.random_flip:

@@ -8,18 +8,16 @@ Small enough to train a text-to-image model on a CPU in minutes, and judged by p
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
-import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..pngmeta import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 # Saturated and far apart in RGB, so the pixel judge can name a color after VAE round trips.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -84,19 +82,8 @@ class Prompt(NamedTuple):
     held_out: bool
 
 
-_CAPTION = re.compile(r"a (\S+) (\S+) on a (\S+) background")
-
-
 def caption(color: str, shape: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
-
-
-def parse_caption(text: str) -> tuple[str, str, str]:
-    """Inverse of caption(): (color, shape, background); ValueError if `text` is off-grammar."""
-    match = _CAPTION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"caption {text!r} does not match 'a {{color}} {{shape}} on a {{background}} background'.")
-    return match.group(1), match.group(2), match.group(3)
 
 
 def all_prompts(include_holdout: bool = True, *, colors=COLORS, shapes=SHAPES, holdout=HOLDOUT) -> list[Prompt]:
@@ -130,12 +117,12 @@ def render(color, shape, background, rng: np.random.Generator, *, size=64, color
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _allowed_pairs(colors, shapes, holdout, include_holdout) -> list[tuple[str, str]]:
+def allowed_pairs(colors, shapes, holdout, include_holdout) -> list[tuple[str, str]]:
     held = set(map(tuple, holdout))
     return [(c, s) for c in colors for s in shapes if include_holdout or (c, s) not in held]
 
 
-def _check_args(n, size, colors, shapes, pairs) -> None:
+def check_args(n, size, colors, shapes, pairs) -> None:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     if size < 8:
@@ -156,8 +143,8 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
     Image i depends only on (seed, i), so a rerun rewrites identical bytes. metadata.jsonl is
     removed first and written last: a folder without it is an unfinished run.
     """
-    pairs = _allowed_pairs(colors, shapes, holdout, include_holdout)
-    _check_args(n, size, colors, shapes, pairs)
+    pairs = allowed_pairs(colors, shapes, holdout, include_holdout)
+    check_args(n, size, colors, shapes, pairs)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "metadata.jsonl").unlink(missing_ok=True)
@@ -175,46 +162,3 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
         lines.append(json.dumps({"file_name": name, "text": caption(color, shape, background)}) + "\n")
     atomic_write_bytes(outdir / "metadata.jsonl", "".join(lines).encode())
     return n
-
-
-def _parse_colors(spec: str) -> dict[str, tuple[int, int, int]]:
-    """`red,green,pink=#ff69b4`: palette names, or new names with a hex RGB value."""
-    colors = {}
-    for item in filter(None, spec.split(",")):
-        name, _, hex_value = item.partition("=")
-        if hex_value:
-            if not re.fullmatch(r"#?[0-9a-fA-F]{6}", hex_value):
-                raise ValueError(f"color {item!r} must look like name=#rrggbb.")
-            value = hex_value.lstrip("#")
-            colors[name] = tuple(int(value[k:k + 2], 16) for k in (0, 2, 4))
-        elif name in COLORS:
-            colors[name] = COLORS[name]
-        else:
-            raise ValueError(f"unknown color {name!r}; known: {', '.join(COLORS)} (or give name=#rrggbb).")
-    return colors
-
-
-def make_shapes_main(argv: list[str]) -> int:
-    """`latentdiff make-shapes OUTDIR --n N ...`; bad arguments exit 2 before anything is written."""
-    parser = argparse.ArgumentParser(prog="latentdiff make-shapes", description=make_shapes.__doc__.splitlines()[0])
-    parser.add_argument("outdir")
-    parser.add_argument("--n", type=int, required=True, help="number of images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--colors", default=",".join(COLORS), help="comma list; new ones as name=#rrggbb")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from {', '.join(SHAPE_DRAWERS)}")
-    parser.add_argument("--include-holdout", action="store_true", help="also draw the held-out (color, shape) pairs")
-    args = parser.parse_args(argv)
-    try:
-        colors = _parse_colors(args.colors)
-        shapes = tuple(filter(None, args.shapes.split(",")))
-        _check_args(args.n, args.size, colors, shapes,
-                    _allowed_pairs(colors, shapes, HOLDOUT, args.include_holdout))
-    except ValueError as err:
-        parser.error(str(err))  # exits 2
-    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
-        parser.error(f"{args.outdir} exists and is not a directory.")
-    written = make_shapes(args.outdir, args.n, args.seed, size=args.size, colors=colors, shapes=shapes,
-                          include_holdout=args.include_holdout)
-    print(f"wrote {written} images and metadata.jsonl to {args.outdir}")
-    return 0

@@ -94,10 +94,5 @@ class Sampler:
         return randn(like.shape, generator, like.device, torch.float32)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t at training timesteps t in this sampler's own parameterisation (variance preserving here)."""
         return schedules.add_noise(x0, noise, t, self.alphas_cumprod)
-
-    def get_velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return schedules.get_velocity(x0, noise, t, self.alphas_cumprod)
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return schedules.snr(t, self.alphas_cumprod)

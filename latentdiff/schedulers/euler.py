@@ -29,6 +29,10 @@ class EulerSampler(Sampler):
         """(σ_down, σ_up) per step: the deterministic target level and the fresh noise added there."""
         return sigma_next.tolist(), [0.0] * len(sigma_next)
 
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x = x_0 + σ_t ε: the σ-space sample this sampler integrates (diffusers' EulerDiscreteScheduler.add_noise)."""
+        return schedules.add_noise_sigma(x0, noise, t, self.alphas_cumprod)
+
     def scale_model_input(self, sample: torch.Tensor, t) -> torch.Tensor:
         return sample * self._alpha[self._index(t)]
 

@@ -92,17 +92,27 @@ def sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tenso
     return torch.cat([sigma[timesteps.cpu()], sigma.new_zeros(1)])
 
 
+def _alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t for a per-batch t, shaped (B, 1, …) to broadcast against x, float32 on x's device."""
+    return alphas_cumprod.to(x.device)[t.to(x.device)].view((-1,) + (1,) * (x.ndim - 1))
+
+
 def _coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
-    """(√ᾱ_t, √(1 − ᾱ_t)) for a per-batch t, shaped to broadcast against x, in x's dtype and device."""
-    a = alphas_cumprod.to(x.device)[t.to(x.device)].flatten()
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return a.sqrt().to(x.dtype).view(shape), (1 - a).sqrt().to(x.dtype).view(shape)
+    """(√ᾱ_t, √(1 − ᾱ_t)) in x's dtype."""
+    a = _alpha_bar(alphas_cumprod, t, x)
+    return a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Forward process q(x_t | x_0), Ho et al. 2020 eq. 4: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε."""
     a, s = _coefficients(alphas_cumprod, t, x0)
     return a * x0 + s * noise
+
+
+def add_noise_sigma(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The same noise level in σ-space (Karras et al. 2022): x = x_0 + σ_t ε = x_t / √ᾱ_t, σ_t = √((1 − ᾱ_t)/ᾱ_t)."""
+    a = _alpha_bar(alphas_cumprod, t, x0)
+    return x0 + ((1 - a) / a).sqrt().to(x0.dtype) * noise
 
 
 def get_velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

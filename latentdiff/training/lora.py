@@ -1,14 +1,15 @@
-"""LoRA (Hu et al. 2021) through peft: W x + (α/r)·B A x on the attention projections.
+"""Training LoRA adapters (Hu et al. 2021) through peft: W x + (α/r)·B A x on the attention projections.
 
 Files are written in the layout diffusers' `StableDiffusionPipeline.load_lora_weights` reads:
 `unet.<module>.lora_A.weight` / `lora_B.weight` (+ `text_encoder.…`), with the peft LoraConfig
-(rank, alpha, targets) in the safetensors metadata so α ≠ r survives the round trip.
+(rank, alpha, targets) in the safetensors metadata so α ≠ r survives the round trip; latentdiff.adapters
+loads them for inference.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from latentdiff.files import atomic_path
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers Attention projections
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention
@@ -42,23 +43,6 @@ def save_lora(path, unet, text_encoder=None) -> Path:
         kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=path.name, safe_serialization=True, **kwargs)
-        os.replace(Path(tmp) / path.name, path)
+    with atomic_path(path, durable=True) as tmp:  # diffusers writes into a folder under a name of our choosing
+        StableDiffusionPipeline.save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
     return path
-
-
-def load_lora(unet, text_encoder, path, scale: float = 1.0, adapter_name: str = "lora") -> None:
-    """Load a LoRA file (ours or any diffusers-layout SD LoRA) into the models, output scaled by `scale`."""
-    from diffusers import StableDiffusionPipeline
-
-    path = Path(path)
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
-                                                                       return_lora_metadata=True)
-    # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes
-    if any(k.startswith("unet.") for k in state):
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=adapter_name, metadata=metadata)
-        unet.set_adapters([adapter_name], weights=[scale])
-    if text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, lora_scale=scale,
-                                                            adapter_name=adapter_name, metadata=metadata)

@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
+from latentdiff.files import atomic_write_text, publish_dir, staging_dir
 from latentdiff.training.config import ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ def checkpoints_dir(output_dir) -> Path:
 
 
 def complete_checkpoints(output_dir) -> list[Path]:
-    """Finished checkpoints, oldest first; a `.tmp` folder is a save that never completed."""
+    """Finished checkpoints, oldest first; a `.tmp` (or `.old`) folder is a save that never completed."""
     folder = checkpoints_dir(output_dir)
-    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and not p.name.endswith(".tmp")
+    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
              and (p / STATE_FILE).is_file()] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
@@ -156,7 +156,7 @@ def resolve_resume(config: RunConfig) -> Path | None:
 def save_checkpoint(accelerator: Accelerator, config: RunConfig, step: int) -> Path:
     """accelerate save_state into ckpt-XXXXXX.tmp, then rename; older ones pruned only after that."""
     final = checkpoints_dir(config.output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_dir(final)  # one name for every process: each writes its own files into it
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a killed save
     accelerator.wait_for_everyone()
@@ -164,10 +164,9 @@ def save_checkpoint(accelerator: Accelerator, config: RunConfig, step: int) -> P
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # written last: a folder with trainer_state.json is complete by construction
-        _write_json(tmp / STATE_FILE, {"step": step, "config": asdict(config), "format": "latentdiff-trainer-1"})
-        if final.exists():  # a rerun re-saving the same step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        state = {"step": step, "config": asdict(config), "format": "latentdiff-trainer-1"}
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2), durable=True)
+        publish_dir(tmp, final)  # also replaces the same step saved by an earlier run
         for old in complete_checkpoints(config.output_dir)[: -config.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -178,15 +177,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
     """Restore models, optimiser and registered objects; returns the optimiser step to go on from."""
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())["step"]
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +202,7 @@ class RunLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, metrics: dict, write: bool) -> None:
         """Advance the bar by one step; on `write` steps also append a JSONL line and log to trackers."""

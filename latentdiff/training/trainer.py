@@ -16,7 +16,7 @@ from torch import nn
 
 from latentdiff import text
 from latentdiff.data import (CachedLatentDataset, CaptionedImageDataset, LatentCache, collate_skip_none,
-                             sample_latents, scan_captioned_images)
+                             scan_captioned_images)
 from latentdiff.guidance import drop_captions
 from latentdiff.schedulers import schedules
 from latentdiff.training import lora
@@ -26,6 +26,7 @@ from latentdiff.training.losses import diffusion_loss, offset_noise
 from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
                                      make_optimizer, resolve_resume, summary, train_loop)
 from latentdiff.training.validation import validation_grid
+from latentdiff.vae import to_latents
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def train(config: TrainConfig) -> Path:
     if config.cache_latents:
         cache = LatentCache(Path(config.output_dir) / "latent_cache", vae, config.resolution, config.center_crop, config.random_flip)
         with accelerator.main_process_first():  # the main process encodes; the others then find every entry
-            cache.build(items, config.batch_size, device, vae.dtype, progress=accelerator.is_main_process)
+            cache.build(items, config.batch_size, progress=accelerator.is_main_process)
         dataset = CachedLatentDataset(cache, items, seed=config.seed)
     else:
         dataset = CaptionedImageDataset(items, config.resolution, center_crop=config.center_crop,
@@ -114,15 +115,14 @@ def train(config: TrainConfig) -> Path:
     # 4. The objective
     alphas_cumprod = schedules.alphas_cumprod(pipe.schedule).to(device)  # ᾱ_t, (T,)
     T = pipe.schedule.num_train_timesteps
-    scaling = vae.config.scaling_factor
 
     def loss_fn(batch, gen: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad():  # scaled latents x_0 (B, C, h, w), a posterior sample
             if "latent_dist" in batch:
-                x0 = sample_latents(batch["latent_dist"], gen)  # (B, C, h, w), unscaled
+                x0 = to_latents(vae, batch["latent_dist"], gen)
             else:
-                x0 = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(gen)
-            x0 = (x0 * scaling).to(device, torch.float32)
+                x0 = pipe.encode(batch["pixel_values"], gen)
+            x0 = x0.to(device, torch.float32)
         noise = offset_noise(tuple(x0.shape), config.noise_offset, gen).to(device)
         t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
         x_t = schedules.add_noise(x0, noise, t, alphas_cumprod)

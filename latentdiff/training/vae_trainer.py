@@ -5,18 +5,18 @@ variance and the noise schedule means what it says; we measure std(z) over the d
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from latentdiff.data import CaptionedImageDataset, collate_skip_none, scan_captioned_images
+from latentdiff.files import atomic_dir
 from latentdiff.training.config import ConfigError, VAETrainConfig
 from latentdiff.training.losses import vae_loss
 from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
                                      make_optimizer, resolve_resume, summary, train_loop)
+from latentdiff.vae import posterior, sample_posterior
 
 
 class Autoencoder(nn.Module):
@@ -74,9 +74,10 @@ def train_vae(config: VAETrainConfig) -> Path:
 
     out = Path(config.output_dir) / "vae"
     if accelerator.is_main_process:
-        std = latent_std(vae, dataset, config.scale_samples, config.batch_size, device, config.seed)
+        std = latent_std(vae, dataset, config.scale_samples, config.batch_size, config.seed)
         vae.register_to_config(scaling_factor=1.0 / std)
-        _save_atomic(vae, out)
+        with atomic_dir(out) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
         print(f"latent std {std:.4f} → scaling_factor {1 / std:.5f}")
         summary(config, items, missing, out)
     accelerator.wait_for_everyone()
@@ -85,20 +86,11 @@ def train_vae(config: VAETrainConfig) -> Path:
 
 
 @torch.no_grad()
-def latent_std(vae, dataset, n: int, batch_size: int, device, seed: int) -> float:
+def latent_std(vae, dataset, n: int, batch_size: int, seed: int) -> float:
     """std of posterior samples z over (up to) the first n images: the number scaling_factor undoes."""
     vae.eval()
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(n, len(dataset)))),
                                          batch_size=batch_size, collate_fn=collate_skip_none)
-    latents = [vae.encode(b["pixel_values"].to(device)).latent_dist.sample(gen).float().cpu() for b in loader if b is not None]
+    latents = [sample_posterior(posterior(vae, b["pixel_values"]), gen).cpu() for b in loader if b is not None]
     return torch.cat(latents).std().item()
-
-
-def _save_atomic(vae, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

@@ -1,10 +1,11 @@
 """Validation grids: a few prompts × fixed seeds sampled during training, written as one labelled PNG."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from latentdiff.pngmeta import write_png
 
 MIN_CELL = 128  # small models sample 64 px images: upscale so the grid can be looked at
 LABEL_HEIGHT = 16
@@ -33,7 +34,5 @@ def validation_grid(pipe, prompts: list[str], seeds: list[int], steps: int, guid
                   num_inference_steps=steps, guidance_scale=guidance, output_type="pil", progress=False).images
     grid = labelled_grid(images, prompts, [f"seed {s}" for s in seeds])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    write_png(path, grid)
     return path

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pngmeta import GenerationParams, atomic_write_bytes, read_params, save_png
-from .precision import PRECISIONS, precision_name, process_state
-
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral")  # checked against the registry in tests
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-DEFAULTS = dict(steps=20, scale=7.5, sampler="dpmpp_2m")
+from ..config import DEFAULTS
+from ..devices import process_state
+from ..errors import ModelError
+from ..pipeline import MODEL_SUFFIXES, load_pipeline
+from ..pngmeta import GenerationParams, read_params, save_png, write_png
+from ..precision import PRECISIONS, precision_name
+from ..schedulers import SAMPLERS
 
 
 class UsageError(ValueError):
@@ -41,19 +42,20 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
         p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--from-png", type=Path, help="reproduce the image whose generation parameters this PNG carries")
-    p.add_argument("--negative-prompt", default="", help="what the image should not show")
+    p.add_argument("--negative-prompt", default=DEFAULTS.negative_prompt, help="what the image should not show")
     p.add_argument("--model", help="diffusers-format folder or SD 1.x/2.x .safetensors/.ckpt (default: the shipped model)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img"), help="writes OUTDIR/samples/NNNNN.png and a grid")
     p.add_argument("--n-samples", type=int, default=1, help="batch size: images generated together")
     p.add_argument("--n-iter", type=int, default=1, help="how many batches per prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
-    p.add_argument("--scale", type=float, default=None, help=f"classifier-free guidance scale (default {DEFAULTS['scale']})")
-    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLER_NAMES)} (default {DEFAULTS['sampler']})")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"sampling steps (default {DEFAULTS.steps})")
+    p.add_argument("--scale", type=float, default=DEFAULTS.guidance_scale,
+                   help=f"classifier-free guidance scale (default {DEFAULTS.guidance_scale})")
+    p.add_argument("--sampler", default=DEFAULTS.sampler, help=f"one of {', '.join(SAMPLERS)} (default {DEFAULTS.sampler})")
+    p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
-    p.add_argument("--precision", default="auto", help=f"one of {', '.join(PRECISIONS)}")
+    p.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--skip-grid", action="store_true", help="do not write a grid of the samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -71,9 +73,6 @@ def check_args(args) -> list[str]:
         args.precision = params.extra.get("Precision", args.precision)
         args.eta = float(params.extra.get("Eta", args.eta))
         args.n_samples = args.n_iter = 1
-    args.steps = DEFAULTS["steps"] if args.steps is None else args.steps
-    args.scale = DEFAULTS["scale"] if args.scale is None else args.scale
-    args.sampler = args.sampler or DEFAULTS["sampler"]
     if args.prompt is not None and args.from_file is not None:
         raise UsageError("give either a prompt or --from-file, not both")
     if args.from_file is not None:
@@ -95,8 +94,8 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.n_samples < 1 or args.n_iter < 1:
         raise UsageError(f"--n-samples and --n-iter must be at least 1, got {args.n_samples} and {args.n_iter}")
-    if args.sampler not in SAMPLER_NAMES:
-        raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
     if args.precision not in PRECISIONS:
         raise UsageError(f"unknown precision {args.precision!r}; expected one of: {', '.join(PRECISIONS)}")
     if args.model is not None:
@@ -120,8 +119,6 @@ def plan(prompts: list[str], n_iter: int, n_samples: int, seed: int) -> list[Ite
 
 def run(args, prompts: list[str]) -> int:
     from tqdm.auto import tqdm
-
-    from .pipeline import ModelError, load_pipeline
 
     state = process_state()
     samples = args.outdir / "samples"
@@ -173,8 +170,6 @@ def run(args, prompts: list[str]) -> int:
 
 def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
     """One more grid file (grid-NNNN.png) of every finished image; earlier grids are kept, never overwritten."""
-    import io
-
     from PIL import Image
 
     images = [Image.open(f).convert("RGB") for f in files if f.exists()]
@@ -187,14 +182,10 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     n = len(list(outdir.glob("grid-*.png")))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write_bytes(outdir / f"grid-{n:04d}.png", buf.getvalue())
+    write_png(outdir / f"grid-{n:04d}.png", grid)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_prompt: bool = False) -> int:
-    from .pipeline import ModelError
-
     args = build_parser(prog, positional_prompt).parse_args(None if argv is None else [str(a) for a in argv])
     try:
         prompts = check_args(args)

@@ -1,0 +1,5 @@
+"""Command-line front ends: argument parsing and bad-input checks, then one call into the library.
+
+generate (`scripts/txt2img.py`, `latentdiff generate`), train (`latentdiff train`, `train-vae`),
+make_shapes, eval_shapes. Nothing in the library imports from here.
+"""

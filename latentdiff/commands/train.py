@@ -1,0 +1,37 @@
+"""`latentdiff train` (UNet, full or LoRA) and `latentdiff train-vae`: a config from YAML and flags, then the run."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..data import DataError
+from ..training.config import ConfigError, TrainConfig, VAETrainConfig, parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`latentdiff train`: 0 on success, 2 (with one sentence on stderr) on a bad config, flag or dataset."""
+    from ..training.trainer import train
+
+    return _run(lambda: train(parse_config(TrainConfig, _argv(argv), "latentdiff train")))
+
+
+def vae_main(argv: list[str] | None = None) -> int:
+    """`latentdiff train-vae`: an AutoencoderKL from scratch, saved with its measured scaling_factor."""
+    from ..training.vae_trainer import train_vae
+
+    return _run(lambda: train_vae(parse_config(VAETrainConfig, _argv(argv), "latentdiff train-vae")))
+
+
+def _argv(argv):
+    return sys.argv[1:] if argv is None else list(argv)
+
+
+def _run(job) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("latentdiff").setLevel(logging.INFO)
+    try:
+        job()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,21 @@
+"""Generation defaults, held once: the API, the batch script, the PNG metadata and the evaluator read them here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How an image is made, beyond its prompt and the model. Width and height default to the model's native size."""
+
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5  # ≤ 1 skips the unconditional pass
+    sampler: str = "dpmpp_2m"  # a name of latentdiff.schedulers.SAMPLERS
+    eta: float = 0.0  # DDIM's noise scale (0 = deterministic)
+    width: int | None = None
+    height: int | None = None
+    precision: str = "auto"  # latentdiff.precision.PRECISIONS
+
+
+DEFAULTS = GenerateConfig()

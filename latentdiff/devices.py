@@ -1,0 +1,19 @@
+"""Where this process runs: accelerate's process state and the device it assigns."""
+from __future__ import annotations
+
+import torch
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size, device: one GPU per process under `accelerate launch`).
+
+    With no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes; accelerate joins them
+    with gloo only when told the run is on the CPU, hence `cpu=`.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def default_device() -> torch.device:
+    return process_state().device

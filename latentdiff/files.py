@@ -35,6 +35,8 @@ def atomic_path(path, *, durable: bool = False):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise _naming(e, path)
     finally:
         tmp.unlink(missing_ok=True)
     if durable:
@@ -48,6 +50,48 @@ def atomic_write_bytes(path, data: bytes, *, durable: bool = False) -> None:
 
 def atomic_write_text(path, text: str, *, durable: bool = False) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def create_exclusive_bytes(path, data: bytes) -> None:
+    """Write a new file atomically, never replacing one: FileExistsError if `path` exists (even if another
+    process creates it meanwhile). The complete temporary file is hard-linked to the name, which fails if taken."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.link(tmp, path)
+    except OSError as e:
+        raise _naming(e, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """A failed write names the file it was for (a full disk raises from write() with no file name)."""
+    if error.filename is None or str(error.filename).endswith(".tmp"):
+        error.filename = str(path)
+    return error
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Delete the `.NAME.PID.tmp` files of processes that no longer run (a kill or a full disk left them)."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def staging_dir(folder) -> Path:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ from .schedulers import ScheduleConfig, get_sampler, randn
 from .vae import decode as decode_latents, encode as encode_pixels
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any uint64
+RANDOM_SEEDS = 2**32  # seed=None draws below this, short enough to type back in
 OUTPUT_TYPES = ("pil", "numpy", "pt", "latents")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single files: safetensors, or weights-only pickles
 
@@ -178,6 +181,8 @@ class LatentDiffusionPipeline:
         prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
         height, width = self.check_size(height, width)
         check_steps_and_output(num_inference_steps, output_type)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (≤ 1 turns guidance off), got {guidance_scale!r}")
         scheduler = get_sampler(sampler, self.schedule, eta=eta)
         seeds, generators = make_generators(len(prompts), seed, generator)
         do_cfg = guidance_scale > 1.0
@@ -194,13 +199,17 @@ class LatentDiffusionPipeline:
 
     def check_inputs(self, prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list[str], list[str]]:
         """Prompts and negative prompts, one per image."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings, got {_type_name(prompt)}")
         if not prompts:
             raise ValueError("no prompt given; pass a string or a list of strings (an empty string is an unconditional sample)")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer of at least 1, got {num_images_per_prompt!r}")
         if negative_prompt is None or isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt or ""] * len(prompts)
+        elif not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {_type_name(negative_prompt)}")
         elif len(negative_prompt) != len(prompts):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts; pass one, or one per prompt")
         repeat = lambda items: [p for p in items for _ in range(num_images_per_prompt)]  # noqa: E731
@@ -210,9 +219,18 @@ class LatentDiffusionPipeline:
         """(height, width) in pixels; None is the model's native size."""
         native = self.unet.config.sample_size * self.vae_scale
         height, width = native if height is None else height, native if width is None else width
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
+        if not (_is_int(height) and _is_int(width)) or height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8 (in pixels), got width={width!r}, height={height!r}")
         return height, width
+
+    def estimate_step_bytes(self, batch: int, height: int, width: int, guidance: bool) -> int:
+        """A rough peak of the UNet's activations in one denoising step: the skip connections it keeps (every
+        down-block output) plus a working set of ~16 tensors at the widest level, for 2·batch images with guidance."""
+        cfg = self.unet.config
+        h, w = height // self.vae_scale, width // self.vae_scale
+        skips = sum((cfg.layers_per_block + 1) * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
+        work = max(16 * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
+        return (2 if guidance else 1) * batch * (skips + work) * self.dtype.itemsize
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
         """Context (B, 77, D); with negatives, [uncond; cond] (2B, 77, D) for one CFG batch through the UNet."""
@@ -262,10 +280,19 @@ class LatentDiffusionPipeline:
 
 
 def check_steps_and_output(num_inference_steps: int, output_type: str) -> None:
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    """The upper bound on steps is the sampler's (set_timesteps says it)."""
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer of at least 1, got {num_inference_steps!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of: {', '.join(OUTPUT_TYPES)}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _type_name(x) -> str:
+    return "None" if x is None else type(x).__name__
 
 
 def make_generators(n: int, seed=None, generator=None) -> tuple[list[int], list[torch.Generator]]:
@@ -277,12 +304,15 @@ def make_generators(n: int, seed=None, generator=None) -> tuple[list[int], list[
         generators = _as_list(generator, n, "generators")
         return [g.initial_seed() for g in generators], generators
     if seed is None:
-        seeds = [secrets.randbelow(MAX_SEED) for _ in range(n)]
+        seeds = [secrets.randbelow(RANDOM_SEEDS) for _ in range(n)]
     elif isinstance(seed, int):
         seeds = [seed + i for i in range(n)]
     else:
-        seeds = [int(s) for s in _as_list(seed, n, "seeds")]
-    return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        seeds = _as_list(seed, n, "seeds")
+    for s in seeds:
+        if not _is_int(s) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to 2**64 - 1 (one per image: seed + i), got {s!r}")
+    return seeds, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
 def to_output(images: torch.Tensor, output_type: str):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULTS
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, create_exclusive_bytes
 from .schedulers import from_a1111
 
 
@@ -77,8 +77,11 @@ def _parse_fields(line: str):
         yield key, value
 
 
-def write_png(path, image, parameters: str | None = None) -> None:
-    """Write a PIL image as a PNG atomically (temporary name, then rename), with a `parameters` chunk if given."""
+def write_png(path, image, parameters: str | None = None, *, exclusive: bool = False) -> None:
+    """Write a PIL image as a PNG atomically (temporary name, then rename), with a `parameters` chunk if given.
+
+    `exclusive`: never replace an existing file (FileExistsError instead), even one another process just made.
+    """
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -86,11 +89,11 @@ def write_png(path, image, parameters: str | None = None) -> None:
         info.add_text("parameters", parameters)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    (create_exclusive_bytes if exclusive else atomic_write_bytes)(Path(path), buf.getvalue())
 
 
-def save_png(path, image, params: GenerationParams) -> None:
-    write_png(path, image, params.to_text())
+def save_png(path, image, params: GenerationParams, *, exclusive: bool = False) -> None:
+    write_png(path, image, params.to_text(), exclusive=exclusive)
 
 
 def read_params(path) -> GenerationParams:

@@ -63,9 +63,14 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.LongTensor:
     full = tokenizer(prompts, padding=False, truncation=False).input_ids
     for prompt, seq in zip(prompts, full):
         if len(seq) > tokenizer.model_max_length:
-            dropped = tokenizer.decode(seq[tokenizer.model_max_length - 1 : -1])
-            logger.warning("prompt is longer than %d tokens; these words were dropped: %r", tokenizer.model_max_length - 2, dropped)
+            _warn_dropped(tokenizer.model_max_length - 2, tokenizer.decode(seq[tokenizer.model_max_length - 1 : -1]))
     return ids
+
+
+@functools.lru_cache(maxsize=4096)
+def _warn_dropped(limit: int, dropped: str) -> None:
+    """Once per long prompt (a training caption comes back every epoch)."""
+    logger.warning("prompt is longer than %d tokens; these words were dropped: %r", limit, dropped)
 
 
 def encode(text_encoder, input_ids: torch.LongTensor) -> torch.Tensor:

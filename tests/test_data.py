@@ -236,3 +236,39 @@ def test_latent_cache_hit_miss_and_invalidation(tmp_path):
     assert sample_posterior(params, generator).shape == (2, 4, 16, 16)
     cache().path_for(items[3][0]).unlink()  # a missing entry is skipped and counted
     assert dataset[3] is None and dataset.skipped == 1
+
+
+# --- odd datasets -------------------------------------------------------------------------------
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from latentdiff.data import load_pixels
+
+    gradient = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    x = load_pixels(tmp_path / "g16.png", 32)  # (3, 32, 32) in [-1, 1]
+    expected = torch.from_numpy(gradient / 65535 * 2 - 1).float()
+    assert (x[0] - expected).abs().max() < 2 / 255 + 1e-6
+    assert torch.equal(x[0], x[1]) and abs(x.mean().item()) < 0.01
+
+
+def test_non_utf8_metadata_and_paths_outside_the_dataset_are_one_sentence(tmp_path):
+    _save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl is not UTF-8 text \(byte 34"):
+        scan_captioned_images(tmp_path)
+    (tmp_path.parent / "secret.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "../secret.png", "text": "x"}\n')
+    with pytest.raises(DataError, match="line 1 names '../secret.png', which is outside the dataset folder"):
+        scan_captioned_images(tmp_path)
+
+
+def test_a_long_caption_is_warned_about_once(caplog):
+    from latentdiff.text import build_clip_tokenizer, tokenize
+
+    tokenizer = build_clip_tokenizer()
+    caption = "a red circle " + "very " * 80 + "GIRAFFE"
+    with caplog.at_level(logging.WARNING, logger="latentdiff.text"):
+        for _ in range(3):  # three epochs
+            tokenize(tokenizer, [caption, "short"])
+    assert caplog.text.lower().count("giraffe") == 1

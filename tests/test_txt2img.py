@@ -104,7 +104,7 @@ def test_accelerate_two_processes_split_the_job(tiny_model_dir, tmp_path):
     (["--from-file", "{tmp}/empty.txt"], "has no prompts"),
     (["--from-file", "{tmp}/missing.txt"], "cannot read prompt file"),
     ([], "no prompt given"),
-    (["--prompt", "x", "--outdir", "{tmp}/model.txt/sub"], "is not writable"),
+    (["--prompt", "x", "--outdir", "{tmp}/model.txt/sub"], "model.txt is a file, not a folder"),
     (["--prompt", "x", "--model", "{tmp}/corrupt.safetensors"], "cannot load model"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):

@@ -1,8 +1,9 @@
 """Batch text-to-image: the job behind `scripts/txt2img.py` and `latentdiff generate`.
 
 Image k of a job (prompts × n_iter × n_samples, in that order) gets seed `base seed + k` and the file
-`OUTDIR/samples/{k:05d}.png`, so a rerun after a kill skips finished images and makes exactly the missing
-ones, and `accelerate launch --num_processes N` splits the images round-robin with none made twice.
+`OUTDIR/samples/{first + k:05d}.png`, where the job's range starts at `first` (commands/outdir.py: the folder's
+manifest of jobs). So a rerun after a kill makes exactly the missing images of that job, a different job continues
+the numbering, and `accelerate launch --num_processes N` splits the images round-robin with none made twice.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from pathlib import Path
 from ..config import DEFAULTS
 from ..devices import process_state
 from ..errors import ModelError
-from ..pipeline import MODEL_SUFFIXES, load_pipeline
+from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
 from ..pngmeta import GenerationParams, read_params, save_png, write_png
 from ..precision import PRECISIONS, precision_name
-from ..schedulers import SAMPLERS
+from ..files import remove_stale_temporaries
+from ..schedulers import SAMPLERS, get_sampler
+from .outdir import claim_range
 
 
 class UsageError(ValueError):
@@ -66,7 +69,10 @@ def check_args(args) -> list[str]:
     if args.from_png is not None:
         if not args.from_png.is_file():
             raise UsageError(f"--from-png {args.from_png} does not exist; expected a PNG written by latentdiff")
-        params = read_params(args.from_png)
+        try:
+            params = read_params(args.from_png)
+        except (OSError, ValueError, SyntaxError) as e:  # not a PNG, no parameters chunk, unparsable fields
+            raise UsageError(f"--from-png {args.from_png}: {str(e).rstrip('.')}") from None
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
         args.W, args.H = params.width, params.height
@@ -94,6 +100,13 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.n_samples < 1 or args.n_iter < 1:
         raise UsageError(f"--n-samples and --n-iter must be at least 1, got {args.n_samples} and {args.n_iter}")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale must be a finite number (≤ 1 turns guidance off), got {args.scale}")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must be between 0 and 1, got {args.eta}")
+    last_seed = args.seed + len(prompts) * args.n_iter * args.n_samples - 1
+    if args.seed < 0 or last_seed > MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to 2**64 - 1 for every image (seed + k), got {args.seed} (last {last_seed})")
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
     if args.precision not in PRECISIONS:
@@ -107,7 +120,9 @@ def check_args(args) -> list[str]:
         if model.is_file() and not os.access(model, os.R_OK):
             raise UsageError(f"model file {model} is not readable")
     existing = next(p for p in [args.outdir, *args.outdir.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise UsageError(f"output directory {args.outdir} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {args.outdir} is not writable")
     return prompts
 
@@ -117,32 +132,71 @@ def plan(prompts: list[str], n_iter: int, n_samples: int, seed: int) -> list[Ite
     return [Item(k, prompts[k // per_prompt], seed + k) for k in range(len(prompts) * per_prompt)]
 
 
-def run(args, prompts: list[str]) -> int:
-    from tqdm.auto import tqdm
-
-    state = process_state()
-    samples = args.outdir / "samples"
-    items = plan(prompts, args.n_iter, args.n_samples, args.seed)
-    if args.from_png is not None:  # a replay is one more image, after whatever the folder already holds
-        first = len(list(samples.glob("*.png"))) if samples.is_dir() else 0
-        items = [Item(first, prompts[0], args.seed)]
-    mine = [it for it in items[state.process_index :: state.num_processes] if not (samples / f"{it.index:05d}.png").exists()]
-
-    t0 = time.perf_counter()
+def load(args):
     try:
-        pipe = load_pipeline(args.model, device=state.device, precision=args.precision)
+        return load_pipeline(args.model, device=process_state().device, precision=args.precision)
     except ModelError:
         raise
     except Exception as e:  # a corrupt or foreign file: say which, in one sentence
         first_line = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise ModelError(f"cannot load model {args.model or 'default'}: {first_line}") from e
-    load_s = time.perf_counter() - t0
-    precision = args.precision if args.precision != "auto" else precision_name(pipe.dtype)
-    size = pipe.unet.config.sample_size * pipe.vae_scale
-    width, height = args.W or size, args.H or size
 
+
+def check_against_model(args, pipe) -> tuple[int, int]:
+    """The checks that need the model (its native size, schedule and dtype), before anything is written."""
+    try:
+        height, width = pipe.check_size(args.H, args.W)
+        get_sampler(args.sampler, pipe.schedule, eta=args.eta).set_timesteps(args.steps)
+    except ValueError as e:
+        raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")
+                         .rstrip(".")) from None
+    need = pipe.estimate_step_bytes(args.n_samples, height, width, guidance=args.scale > 1)
+    free = free_memory(pipe.device)
+    if need > free:
+        raise UsageError(f"--n-samples {args.n_samples} at {width}x{height} needs about {need / 2**30:.1f} GiB for one "
+                         f"denoising step, more than the {free / 2**30:.1f} GiB free; lower --n-samples")
+    return height, width
+
+
+def free_memory(device) -> int:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def job_spec(args, prompts: list[str], pipe, width: int, height: int) -> dict:
+    """Everything that decides which images a job makes (not how fast: batch size and processes are left out
+    only where they change nothing, so n_samples stays: it orders the job)."""
+    return {"prompts": prompts, "negative_prompt": args.negative_prompt, "n_iter": args.n_iter,
+            "n_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "scale": args.scale,
+            "sampler": args.sampler, "eta": args.eta, "width": width, "height": height,
+            "precision": precision_name(pipe.dtype), "model": str(Path(args.model).resolve()) if args.model else "default"}
+
+
+def run(args, prompts: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    state = process_state()
+    t0 = time.perf_counter()
+    pipe = load(args)
+    load_s = time.perf_counter() - t0
+    height, width = check_against_model(args, pipe)
+    items = plan(prompts, args.n_iter, args.n_samples, args.seed)
+
+    # which files are this job's: its range in the folder's manifest (another job's files are never touched)
+    samples = args.outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    t1 = time.perf_counter()
+    remove_stale_temporaries(samples)
+    first = claim_range(args.outdir, job_spec(args, prompts, pipe, width, height), len(items))
+    path = {it.index: samples / f"{first + it.index:05d}.png" for it in items}
+    mine = [it for it in items[state.process_index :: state.num_processes] if not path[it.index].exists()]
+
+    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {})}
+    made, t1 = 0, time.perf_counter()
     bar = tqdm(total=len(mine), disable=args.no_progress or not mine, desc=f"images[{state.process_index}]", unit="img")
     for b in range(0, len(mine), args.n_samples):
         batch = mine[b : b + args.n_samples]
@@ -150,26 +204,29 @@ def run(args, prompts: list[str]) -> int:
                    num_inference_steps=args.steps, guidance_scale=args.scale, seed=[it.seed for it in batch],
                    sampler=args.sampler, eta=args.eta, progress=False)
         for it, image in zip(batch, out.images):
-            extra = {"Precision": precision, **({"Eta": f"{args.eta:g}"} if args.eta else {})}
             params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
                                       width, height, pipe.name, pipe.model_hash, extra)
-            save_png(samples / f"{it.index:05d}.png", image, params)
+            try:
+                save_png(path[it.index], image, params, exclusive=True)
+                made += 1
+            except FileExistsError:  # the same job, run at the same time elsewhere, made this very image
+                pass
         bar.update(len(batch))
     bar.close()
     gen_s = time.perf_counter() - t1
 
     state.wait_for_everyone()
-    if state.is_main_process and mine and not args.skip_grid:
-        _write_grid(args.outdir, [samples / f"{it.index:05d}.png" for it in items], args.n_samples)
-    n = len(mine)
-    rate = f" ({gen_s / n:.2f} s/image)" if n else ""
-    print(f"{n} images in {gen_s:.1f} s{rate}; model loaded in {load_s:.1f} s; output in {samples}"
+    if state.is_main_process and made and not args.skip_grid:
+        _write_grid(args.outdir, [path[it.index] for it in items], args.n_samples)
+    rate = f" ({gen_s / made:.2f} s/image)" if made else ""
+    done = "" if made or not items else f" (all {len(items)} images of this job were already there)"
+    print(f"{made} images in {gen_s:.1f} s{rate}; model loaded in {load_s:.1f} s; output in {samples}{done}"
           + (f" [process {state.process_index} of {state.num_processes}]" if state.num_processes > 1 else ""), file=sys.stderr)
     return 0
 
 
 def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
-    """One more grid file (grid-NNNN.png) of every finished image; earlier grids are kept, never overwritten."""
+    """One more grid file (grid-NNNN.png) of the job's finished images; existing grids are never replaced."""
     from PIL import Image
 
     images = [Image.open(f).convert("RGB") for f in files if f.exists()]
@@ -182,7 +239,11 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     n = len(list(outdir.glob("grid-*.png")))
-    write_png(outdir / f"grid-{n:04d}.png", grid)
+    while True:  # another job may take the same number at the same moment: then the next one
+        try:
+            return write_png(outdir / f"grid-{n:04d}.png", grid, exclusive=True)
+        except FileExistsError:
+            n += 1
 
 
 def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_prompt: bool = False) -> int:
@@ -193,3 +254,7 @@ def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_
     except (UsageError, ModelError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a file-size limit, a folder that vanished: the path and the cause
+        where = e.filename or args.outdir
+        print(f"{prog}: error: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        return 1

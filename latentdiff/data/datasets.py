@@ -36,7 +36,11 @@ def _name_some(paths: list, root: Path) -> str:
 def _read_metadata(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str]]:
     items, uncaptioned = [], []
     metadata = root / "metadata.jsonl"
-    for lineno, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{metadata} is not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8.") from None
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{metadata} line {lineno}"
@@ -47,6 +51,9 @@ def _read_metadata(root: Path, allow_missing_captions: bool) -> list[tuple[Path,
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise DataError(f"{where} must be a JSON object with a string 'file_name'.")
         path = root / row["file_name"]
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise DataError(f"{where} names {row['file_name']!r}, which is outside the dataset folder {root}; "
+                            "file_name must be a path inside it.")
         if not path.is_file():
             raise DataError(f"{where} names {row['file_name']!r}, which does not exist in {root}.")
         text = row.get("text")
@@ -120,7 +127,7 @@ def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator |
     """
     with Image.open(path) as image:
         image.load()
-        image = image.convert("RGB")
+        image = to_rgb(image)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.LANCZOS)
@@ -134,6 +141,16 @@ def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator |
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
     return pixels.float() / 127.5 - 1.0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, 8 bits a channel. PIL's own convert() clips 16- and 32-bit grayscale (I;16, I) at 255 instead of
+    scaling it (a full-range gradient would come out 99 % white), so those are scaled to 0–255 first."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        top = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255.0
+        gray = np.clip(np.asarray(image, dtype=np.float64) / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 # What PIL raises for a corrupt, truncated or vanished file.

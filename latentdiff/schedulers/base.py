@@ -53,6 +53,11 @@ class Sampler:
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return schedules.timesteps(self.config, num_inference_steps)
 
+    @property
+    def max_steps(self) -> int:
+        """The most inference steps this sampler can run on its schedule."""
+        return schedules.max_inference_steps(self.config)
+
     def _prepare(self, timesteps: torch.Tensor):
         """Precompute the per-step scalars of the algorithm and reset any multistep state."""
         raise NotImplementedError

@@ -10,8 +10,8 @@ class DDIMSampler(Sampler):
 
     def __init__(self, config, eta: float = 0.0):
         super().__init__(config)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}.")
+        if not 0 <= eta <= 1:  # above 1, 1 − ᾱ_{t'} − σ_t² turns negative and the update is NaN
+            raise ValueError(f"eta must be between 0 (deterministic) and 1 (DDPM-like), got {eta}.")
         self.eta = eta
 
     def _prepare(self, timesteps: torch.Tensor):

@@ -11,9 +11,16 @@ class DPMSolverPP2MSampler(Sampler):
 
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         if self.config.timestep_spacing == "leading":
+            if not 1 <= num_inference_steps <= self.max_steps:  # n + 1 intervals must fit; say so in n's terms
+                raise ValueError(f"num_inference_steps must be an integer between 1 and {self.max_steps} for this "
+                                 f"sampler and schedule, got {num_inference_steps!r}.")
             # diffusers' DPM-Solver leads over n + 1 intervals and drops the one ending near t = 0
             return schedules.timesteps(self.config, num_inference_steps + 1)[:-1]
         return schedules.timesteps(self.config, num_inference_steps)
+
+    @property
+    def max_steps(self) -> int:
+        return super().max_steps - (self.config.timestep_spacing == "leading")
 
     def _prepare(self, timesteps: torch.Tensor):
         s = schedules.sigmas(self.alphas_cumprod, timesteps).double()  # Karras σ, last one 0

@@ -74,9 +74,15 @@ def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
 
 def timesteps(config: ScheduleConfig, num_inference_steps: int) -> torch.Tensor:
     """Descending training timesteps for sampling; "leading"/"trailing" as in Lin et al. 2023, Table 2."""
-    n, T = num_inference_steps, config.num_train_timesteps
-    if not isinstance(n, int) or not 1 <= n <= T:
-        raise ValueError(f"num_inference_steps must be an integer between 1 and {T}, got {n!r}.")
+    n, limit = num_inference_steps, max_inference_steps(config)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise ValueError(f"num_inference_steps must be an integer between 1 and {limit} for this schedule "
+                         f"({config.num_train_timesteps} training steps, {config.timestep_spacing} spacing), got {n!r}.")
+    return _spaced(config, n)
+
+
+def _spaced(config: ScheduleConfig, n: int) -> torch.Tensor:
+    T = config.num_train_timesteps
     if config.timestep_spacing == "leading":
         return torch.arange(n - 1, -1, -1, dtype=torch.int64) * (T // n) + config.steps_offset
     # trailing: start exactly at T−1 so the first step sees the last training noise level. The stride is
@@ -84,6 +90,17 @@ def timesteps(config: ScheduleConfig, num_inference_steps: int) -> torch.Tensor:
     # t = −1 step that np.arange(T, 0, −T/n) produces for some n, e.g. 61).
     stride = (T - T / n) - T
     return (T + torch.arange(n, dtype=torch.float64) * stride).round().long() - 1
+
+
+def max_inference_steps(config: ScheduleConfig) -> int:
+    """The most steps whose timesteps all lie in 0 … T−1: T for trailing spacing; with leading spacing
+    steps_offset pushes the first timestep of a long schedule past T−1 (1000 steps, offset 1 → t = 1000)."""
+    T = config.num_train_timesteps
+    if config.timestep_spacing == "trailing":
+        return T
+    n = torch.arange(1, T + 1)
+    fits = (n - 1) * (T // n) + config.steps_offset <= T - 1
+    return int(fits.cumprod(0).sum())
 
 
 def sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -255,7 +255,7 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
 def test_non_utf8_metadata_and_paths_outside_the_dataset_are_one_sentence(tmp_path):
     _save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"metadata.jsonl is not UTF-8 text \(byte 34"):
+    with pytest.raises(DataError, match=r"metadata.jsonl is not UTF-8 text \(byte 35"):
         scan_captioned_images(tmp_path)
     (tmp_path.parent / "secret.png").write_bytes((tmp_path / "a.png").read_bytes())
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "../secret.png", "text": "x"}\n')

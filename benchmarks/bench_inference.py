@@ -1,6 +1,7 @@
 """latentdiff vs diffusers' StableDiffusionPipeline on the same random SD 1.5 weights, side by side.
 
     python benchmarks/bench_inference.py [--sizes 256 512] [--steps 20] [--repeats N] [--out benchmarks/results]
+    python benchmarks/bench_inference.py --device cuda      # the GPU comparison: bench_cuda.py
 
 Every contender lives in its own worker process, so its peak RSS (ru_maxrss: load + generation) is its own;
 the parent alternates the contenders within each repeat, so background load hits all of them alike.
@@ -256,7 +257,12 @@ def main(argv=None) -> None:
     ap.add_argument("--large-steps", type=int, default=2, help="steps for it (RSS does not grow with steps)")
     ap.add_argument("--cold-start-model", type=Path, default=None, help="default: latentdiff/default_model, else the benchmark model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--device", default="cpu", help="cuda: latentdiff vs diffusers fp16 / compiled on the GPU (bench_cuda.py)")
     args = ap.parse_args(argv)
+    if args.device != "cpu":
+        from bench_cuda import main as cuda_main
+
+        return cuda_main(["--device", args.device, "--steps", str(args.steps), "--out", str(args.out)])
 
     import diffusers
     import torch

@@ -4,6 +4,13 @@ from __future__ import annotations
 import torch
 
 
+def cpu_only() -> bool:
+    """True without a GPU, or when ACCELERATE_USE_CPU is set (accelerate's own switch; the test suite sets it)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 def process_state():
     """accelerate's view of this process (rank, world size, device: one GPU per process under `accelerate launch`).
 
@@ -12,7 +19,7 @@ def process_state():
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=cpu_only())
 
 
 def default_device() -> torch.device:

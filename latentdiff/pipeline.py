@@ -50,6 +50,7 @@ class LatentDiffusionPipeline:
         self.name = name
         self.source = source  # file or folder the weights came from (for the PNG "Model hash")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.denoiser = EagerUNet(unet)  # ε(x_t, t, context); optimize.py may swap in CUDA-graph replay
         self._hash: str | None = None
 
     # ---------------------------------------------------------------- loading and saving
@@ -66,7 +67,8 @@ class LatentDiffusionPipeline:
             if not (folder / sub / "config.json").is_file():
                 raise ModelError(f"{folder} is not a diffusers-format model folder: {sub}/config.json is missing")
         device = torch.device(device) if device is not None else default_device()
-        dtypes = component_dtypes(precision, device)
+        force_upcast = AutoencoderKL.load_config(folder / "vae").get("force_upcast", True)
+        dtypes = component_dtypes(precision, device, vae_force_upcast=force_upcast)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtypes.unet)
         autoencoder = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtypes.vae)
         # transformers ≥ 5 reads both key spellings (with and without the `text_model.` prefix real SD folders carry).
@@ -81,8 +83,8 @@ class LatentDiffusionPipeline:
 
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
-        parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type,
-                                 dtypes=component_dtypes(precision, device))
+        parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type, precision=precision,
+                                 device=device)
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["schedule"], name=path.stem, source=path).to(device)
 
     @classmethod
@@ -137,6 +139,7 @@ class LatentDiffusionPipeline:
         from .adapters import load_lora
 
         load_lora(self.unet, self.text_encoder, path, scale=scale)
+        self.denoiser.reset()  # new layers in the UNet: captured graphs would not run them
 
     @property
     def device(self) -> torch.device:
@@ -193,6 +196,7 @@ class LatentDiffusionPipeline:
             callback(i, int(t), x)
 
         latents = self.denoise(latents, context, scheduler, guidance_scale, generators, on_step=hook if callback else None, progress=progress)
+        check_latents(latents)
         if output_type == "latents":
             return GenerationOutput(latents, seeds)
         return GenerationOutput(to_output(self.decode(latents), output_type), seeds)
@@ -252,22 +256,22 @@ class LatentDiffusionPipeline:
 
         With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `on_step(i, t, latents)`
         runs after every step; a tensor it returns replaces the latents (a hook can blend in what must be kept).
+        Nothing in the loop reads a device value back to the host (no sync per step): `check_latents` after it.
         """
         from tqdm.auto import tqdm
 
         do_cfg = guidance_scale > 1.0
+        scheduler.set_begin_index(start)  # the step count is known: no read-back of t from the device
         for i, t in enumerate(tqdm(scheduler.timesteps[start:], disable=not progress, desc="sampling", leave=False), start):
             x_in = scheduler.scale_model_input(latents, t)
             x_in = torch.cat([x_in, x_in]) if do_cfg else x_in
-            eps = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=context, return_dict=False)[0].float()
+            eps = self.denoiser(x_in.to(self.dtype), t, context).float()
             if do_cfg:
                 eps = cfg_combine(*eps.chunk(2), guidance_scale)
             latents = scheduler.step(eps, t, latents, generator=generators)
             if on_step is not None:
                 replaced = on_step(i, t, latents)
                 latents = latents if replaced is None else replaced
-        if not torch.isfinite(latents).all():
-            raise ModelError("the UNet produced NaN/inf latents; try --precision fp32 (fp16 can overflow)")
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -277,6 +281,25 @@ class LatentDiffusionPipeline:
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator`."""
         return encode_pixels(self.vae, pixels, generator)
+
+
+def check_latents(latents: torch.Tensor) -> None:
+    """One finiteness check after the loop (the only host sync of sampling)."""
+    if not torch.isfinite(latents).all():
+        raise ModelError("the UNet produced NaN/inf latents; try --precision fp32 (fp16 can overflow)")
+
+
+class EagerUNet:
+    """The UNet called as the denoising loop needs it: (x_t, t, context) → model output."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def reset(self) -> None:
+        """Forget anything derived from the UNet's current layers (nothing here)."""
 
 
 def check_steps_and_output(num_inference_steps: int, output_type: str) -> None:

@@ -52,8 +52,10 @@ class ComponentDtypes:
     vae: torch.dtype
 
 
-def component_dtypes(precision: str, device) -> ComponentDtypes:
-    """The UNet and text encoder run in the resolved dtype; the VAE too, except that fp16 overflows in the SD VAE
-    decoder (diffusers' `force_upcast`), so with fp16 it stays in float32."""
+def component_dtypes(precision: str, device, *, vae_force_upcast: bool = True) -> ComponentDtypes:
+    """The UNet and text encoder run in the resolved dtype; the VAE too, except that fp16 overflows in most SD VAE
+    decoders: with fp16 the VAE stays in float32 unless its config says it is fp16-safe (`force_upcast: false`,
+    diffusers' convention; its decode is then retried in float32 if the output is not finite)."""
     dtype = resolve_dtype(precision, torch.device(device))
-    return ComponentDtypes(unet=dtype, text_encoder=dtype, vae=torch.float32 if dtype == torch.float16 else dtype)
+    upcast = dtype == torch.float16 and vae_force_upcast
+    return ComponentDtypes(unet=dtype, text_encoder=dtype, vae=torch.float32 if upcast else dtype)

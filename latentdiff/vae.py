@@ -6,9 +6,13 @@ it: mean and log-variance stacked on the channel axis, (B, 2C, h, w).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 
 def posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -39,11 +43,25 @@ def encode(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images (B, 3, H, W) in [0, 1], float32; NaN or all-black output is a ModelError."""
-    image = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype), return_dict=False)[0].float()
+    """Scaled latents → images (B, 3, H, W) in [0, 1], float32; NaN or all-black output is a ModelError.
+
+    An fp16 VAE whose output overflows decodes again in float32 (once, then back to fp16), as diffusers' upcast does.
+    """
+    image = _decode(vae, latents)
+    if not torch.isfinite(image).all() and vae.dtype == torch.float16:
+        logger.warning("the fp16 VAE decoder overflowed; decoding again in float32")
+        vae.to(torch.float32)
+        try:
+            image = _decode(vae, latents)
+        finally:
+            vae.to(torch.float16)
     if not torch.isfinite(image).all():
         raise ModelError("the VAE decoder produced NaN/inf pixels; decode in float32 (--precision fp32)")
     image = (image / 2 + 0.5).clamp(0, 1)
     if (image == 0).all():
         raise ModelError("the VAE decoder produced an all-black image; the model weights are likely broken")
     return image
+
+
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype), return_dict=False)[0].float()

@@ -22,7 +22,6 @@ from latentdiff.checkpoints import (
     vae_keymap,
 )
 from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS, _schedule
-from latentdiff.precision import component_dtypes
 from latentdiff.schedulers.schedules import ScheduleConfig
 
 ORIGINAL_KEY = re.compile(
@@ -225,7 +224,7 @@ def test_weights_only_ckpt_loads(sd1, sd1_file, tmp_path):
     torch.save(state, plain)
     torch.save({"state_dict": state, "global_step": 7}, lightning)
     assert_same_weights(state, read_state_dict(lightning))
-    loaded = load_single_file(plain, config_dir=_config_dir(tmp_path, sd1), dtypes=component_dtypes("fp16", "cpu"))
+    loaded = load_single_file(plain, config_dir=_config_dir(tmp_path, sd1), precision="fp16")
     assert loaded["unet"].dtype == loaded["text_encoder"].dtype == torch.float16
     # the precision policy keeps an fp16 model's VAE in float32, as the folder loader does (diffusers' force_upcast)
     assert loaded["vae"].dtype == torch.float32

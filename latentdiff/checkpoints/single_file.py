@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..precision import ComponentDtypes
+from ..precision import component_dtypes
 from ..schedulers.schedules import ScheduleConfig
 from ..text import build_clip_tokenizer
 from .files import CheckpointError, read_metadata_config, read_state_dict, write_safetensors
@@ -91,12 +91,12 @@ def _tokenizer(config_dir, layout: str):
     return build_clip_tokenizer(**settings)
 
 
-def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, dtypes: ComponentDtypes | None = None) -> dict:
+def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, precision: str = "fp32", device="cpu") -> dict:
     """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
     when the UNet has the standard SD 1.x/2.x architecture, else "custom". Weights load in
-    the dtypes of `dtypes` (latentdiff.precision's policy; default float32 throughout).
+    the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -105,7 +105,7 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     state_dict = read_state_dict(path)
     layout = _detect_layout(path, state_dict)
     configs = _component_configs(path, layout, config_dir)
-    dtypes = dtypes or ComponentDtypes(torch.float32, torch.float32, torch.float32)
+    dtypes = component_dtypes(precision, device, vae_force_upcast=configs["vae"].get("force_upcast", True))
 
     # 2. empty models from the configs
     unet = build_empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))

@@ -57,8 +57,12 @@ def claim_range(outdir: Path, spec: dict, count: int) -> int:
         manifest = outdir / MANIFEST
         if manifest.is_file() and not manifest.read_bytes().endswith(b"\n") and manifest.stat().st_size:
             line = "\n" + line  # end a torn line first, so this one stays whole
-        with open(manifest, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(manifest, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk raises from write() without naming the file
+            e.filename = e.filename or str(manifest)
+            raise
         return first

@@ -66,9 +66,17 @@ class Sampler:
         """One update x_{t_i} → x_{t_{i+1}} in float32."""
         raise NotImplementedError
 
+    def set_begin_index(self, index: int = 0) -> None:
+        """Start the count at step `index` of the schedule, so no step needs to read t back from the device."""
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps() before sampling.")
+        if not 0 <= index < len(self._timestep_list):
+            raise ValueError(f"begin index {index} is outside this sampler's {len(self._timestep_list)} steps.")
+        self._step_index = index
+
     def _index(self, t) -> int:
-        # Found from t on the first step only (one host sync per loop, as diffusers' _init_step_index),
-        # so a loop may start mid-schedule (img2img); later steps just count.
+        # Without set_begin_index, found from t on the first step only (one host sync per loop, as diffusers'
+        # _init_step_index), so a loop may start mid-schedule (img2img); later steps just count.
         if self._step_index is None:
             if self.timesteps is None:
                 raise RuntimeError("call set_timesteps() before sampling.")

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
+from latentdiff.devices import cpu_only
 from latentdiff.files import atomic_write_text, publish_dir, staging_dir
 from latentdiff.training.config import ConfigError, RunConfig
 
@@ -31,12 +32,12 @@ STATE_FILE = "trainer_state.json"
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if config.mixed_precision == "fp16" and cpu_only():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
     return Accelerator(
         # with no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes that
-        # accelerate joins with gloo only when told the run is on the CPU (as latentdiff.precision does)
-        cpu=not torch.cuda.is_available(),
+        # accelerate joins with gloo only when told the run is on the CPU (as latentdiff.devices does)
+        cpu=cpu_only(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
         log_with="tensorboard" if is_tensorboard_available() else None,

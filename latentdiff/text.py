@@ -76,3 +76,65 @@ def _warn_dropped(limit: int, dropped: str) -> None:
 def encode(text_encoder, input_ids: torch.LongTensor) -> torch.Tensor:
     """Context (B, 77, D): the encoder's last hidden state (SD 2.x folders already stop at the penultimate layer)."""
     return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+# --- inference: A1111 prompt syntax, prompts of any length in 75-token chunks, clip skip ---------------------------
+
+CHUNK = MAX_LENGTH - 2  # tokens of text per chunk, between <start> and <end>
+
+
+def chunk_ids(tokenizer, prompt: str) -> tuple[torch.LongTensor, torch.Tensor]:
+    """(ids, weights), each (k, 77): the prompt's tokens in k chunks of 75, each chunk <start> text <end> <pad>…,
+    and each token's attention weight (1 for the special tokens). A plain prompt of at most 75 tokens is one chunk
+    tokenized exactly as `tokenize` does; BREAK and a full chunk start the next one (A1111's rule, without its
+    backtrack to the last comma)."""
+    from .prompts import BREAK, is_plain, parse
+
+    fragments = parse(prompt)
+    if is_plain(fragments):
+        text = "".join(t for t, _ in fragments)
+        if len(tokenizer(text, add_special_tokens=False).input_ids) <= CHUNK:
+            return tokenize(tokenizer, [text]), torch.ones(1, MAX_LENGTH)
+    chunks: list[list[tuple[int, float]]] = [[]]
+    for text, weight in fragments:
+        if text == BREAK and weight == -1:
+            chunks.append([])
+            continue
+        for token in tokenizer(text, add_special_tokens=False).input_ids:
+            if len(chunks[-1]) == CHUNK:
+                chunks.append([])
+            chunks[-1].append((token, weight))
+    rows = [[(tokenizer.bos_token_id, 1.0), *chunk, (tokenizer.eos_token_id, 1.0)]
+            + [(tokenizer.pad_token_id, 1.0)] * (CHUNK - len(chunk)) for chunk in chunks]
+    return (torch.tensor([[t for t, _ in row] for row in rows]), torch.tensor([[w for _, w in row] for row in rows]))
+
+
+def encode_hidden(text_encoder, input_ids: torch.LongTensor, clip_skip: int = 1) -> torch.Tensor:
+    """(N, 77, D) context. clip_skip (A1111's numbering): 1 = the last layer; k = the k-th from the end, through
+    the final layer norm (diffusers' `clip_skip = k − 1`)."""
+    if clip_skip == 1:
+        return encode(text_encoder, input_ids)
+    layers = text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be between 1 and {layers} (this text encoder's layers), got {clip_skip}")
+    hidden = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-clip_skip]
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1) -> list[torch.Tensor]:
+    """One context (77·k, D) per prompt, k its chunk count. All chunks go through the encoder as one batch.
+
+    Weights as A1111 applies them: each token's embedding × its weight, then the whole prompt rescaled to its
+    original mean. (A1111 takes that mean over the whole batch; here over the prompt alone, so an image never
+    depends on its batch mates.)
+    """
+    chunked = [chunk_ids(tokenizer, p) for p in prompts]
+    hidden = encode_hidden(text_encoder, torch.cat([ids for ids, _ in chunked]), clip_skip)  # (Σk, 77, D)
+    contexts = list(hidden.split([len(ids) for ids, _ in chunked]))
+    for i, (_, weights) in enumerate(chunked):
+        if not torch.all(weights == 1):
+            z = contexts[i]
+            w = weights.to(z.device, z.dtype).unsqueeze(-1)  # (k, 77, 1)
+            weighted = z * w
+            contexts[i] = weighted * (z.float().mean() / weighted.float().mean()).to(z.dtype)
+    return [c.flatten(0, 1) for c in contexts]  # (77·k, D)

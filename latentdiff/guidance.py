@@ -13,3 +13,11 @@ def drop_captions(texts: list[str], rate: float, generator: torch.Generator) -> 
     """Training half of CFG: each caption becomes "" with probability `rate`, teaching the unconditional ε(x_t, ∅)."""
     keep = torch.rand(len(texts), generator=generator) >= rate
     return [text if k else "" for text, k in zip(texts, keep.tolist())]
+
+
+def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 eq. 15–16: rescale the guided prediction to the conditional one's std (per image), then mix
+    φ of it with 1 − φ of the plain guided one — fixes over-exposure with zero-terminal-SNR / v-prediction models."""
+    dims = tuple(range(1, eps_cfg.ndim))
+    rescaled = eps_cfg * (eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * eps_cfg

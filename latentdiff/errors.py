@@ -3,3 +3,7 @@
 
 class ModelError(ValueError):
     """A model path that cannot be loaded, or a model that produced NaN / blank output."""
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot go on (the loss or the weights became NaN/inf, a process failed); exit 1."""

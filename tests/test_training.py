@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from latentdiff.training.config import ConfigError, TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def subprocess_env(**extra) -> dict[str, str]:
+    """The environment for a trainer started as a subprocess: this checkout's latentdiff first on the path (also
+    when another checkout is installed editable), one thread, offline."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 TINY_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
@@ -82,6 +90,16 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+# what a checkpoint of one process holds (no EMA): safetensors and JSON, never a pickle
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
+                    "trainer_state.json"}
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporaries of interrupted writes anywhere under `out` (files .NAME.PID.tmp, folders NAME.tmp / NAME.old)."""
+    return [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
 # ----------------------------------------------------------------------------------------- milestone 1
 
 
@@ -139,20 +157,76 @@ def test_shipped_configs_parse_and_build(tmp_path):
 # ----------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--mixed-precision", "fp8"], "mixed_precision 'fp8' is not supported"),
-    (["--batch-size", "0"], "batch_size must be at least 1"),
-    (["--bogus", "1"], "unrecognized arguments"),
-    (["--lr", "abc"], "invalid float value"),
-    (["--resume", "/nonexistent"], "no such checkpoint folder"),
-    (["--batch-size", "100"], "fewer than one global batch"),
-])
+BAD_FLAGS = [  # (flags, the whole sentence after "error: ")
+    (["--mixed-precision", "fp8"], "mixed_precision 'fp8' is not supported; expected one of: no, bf16, fp16."),
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0."),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1."),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'."),
+    (["--resume", "/nonexistent"], "--resume /nonexistent: no such checkpoint folder (give a ckpt-XXXXXX folder or 'latest')."),
+    (["--batch-size", "100"], "the dataset has 64 images, fewer than one global batch of 100 (batch_size 100 × 1 processes); lower --batch-size."),
+    # non-finite floats: argparse and YAML accept nan, inf and 1e999, which pass every range check
+    (["--snr-gamma", "nan"], "snr_gamma must be a finite number, got nan."),
+    (["--noise-offset", "nan"], "noise_offset must be a finite number, got nan."),
+    (["--lr", "inf"], "lr must be a finite number, got inf."),
+    (["--lr", "1e999"], "lr must be a finite number, got inf."),
+    (["--lr=-inf"], "lr must be a finite number, got -inf."),
+    (["--min-lr-ratio", "nan"], "min_lr_ratio must be a finite number, got nan."),
+    (["--adam-beta1", "nan"], "adam_beta1 must be a finite number, got nan."),
+    (["--adam-epsilon", "inf"], "adam_epsilon must be a finite number, got inf."),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number, got inf."),
+    (["--max-grad-norm", "nan"], "max_grad_norm must be a finite number, got nan."),
+    (["--caption-dropout", "nan"], "caption_dropout must be a finite number, got nan."),
+    (["--ema-decay", "nan"], "ema_decay must be a finite number, got nan."),
+    (["--lora-alpha", "inf"], "lora_alpha must be a finite number, got inf."),
+    (["--validation-guidance", "nan"], "validation_guidance must be a finite number, got nan."),
+    # out of range
+    (["--adam-beta1", "2"], "adam_beta1 must be in [0, 1), got 2.0."),
+    (["--adam-beta2", "1"], "adam_beta2 must be in [0, 1), got 1.0."),
+    (["--adam-beta2", "-0.1"], "adam_beta2 must be in [0, 1), got -0.1."),
+    (["--adam-epsilon", "0"], "adam_epsilon must be positive, got 0.0."),
+    (["--min-lr-ratio", "1.5"], "min_lr_ratio must be between 0 and 1, got 1.5."),
+    (["--lr", "0"], "lr must be positive, got 0.0."),
+    (["--max-grad-norm", "-1"], "max_grad_norm must not be negative, got -1.0."),
+    (["--noise-offset", "-0.1"], "noise_offset must not be negative, got -0.1."),
+    (["--caption-dropout", "1.5"], "caption_dropout must be between 0 and 1, got 1.5."),
+    (["--ema-decay", "1"], "ema_decay must be in [0, 1), got 1.0."),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha must be positive, got 0.0."),
+    (["--seed", "-1"], "seed must be between 0 and 4294967295, got -1."),
+    (["--seed", "4294967296"], "seed must be between 0 and 4294967295, got 4294967296."),
+    (["--validation-seeds", "-1"], "validation_seeds must be between 0 and 4294967295, got -1."),
+    (["--validation-prompts", "a", "--validation-seeds"], "validation_prompts are given but validation_seeds is empty; give at least one seed."),
+    # counts against their real bound: the schedule has 1000 timesteps, leading spacing, steps_offset 1, and
+    # DPM++ 2M asks the schedule for n + 1 of them, so 999 would index timestep 1000
+    (["--validation-prompts", "a", "--validation-steps", "1000"], "validation_steps 1000 is more than the dpmpp_2m sampler takes on this model's schedule (1000 training timesteps, steps_offset 1); use at most 998."),
+    (["--validation-prompts", "a", "--validation-steps", "999"], "validation_steps 999 is more than the dpmpp_2m sampler takes on this model's schedule (1000 training timesteps, steps_offset 1); use at most 998."),
+    (["--validation-prompts", "a", "--validation-steps", "5000"], "validation_steps 5000 is more than the dpmpp_2m sampler takes on this model's schedule (1000 training timesteps, steps_offset 1); use at most 998."),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[" ".join(e) for e, _ in BAD_FLAGS])
 def test_bad_flags_exit_2_before_writing(shapes, tiny_config, tiny_vae, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
     assert main(unet_args(shapes, tiny_config, tiny_vae, out, *extra)) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not out.exists()
+
+
+def test_bad_yaml_float_is_refused_like_the_flag(shapes, tiny_config, tiny_vae, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("noise_offset: .nan\nadam_beta1: 0.9\n")
+    assert main(["--config", str(cfg), *unet_args(shapes, tiny_config, tiny_vae, tmp_path / "never")]) == 2
+    assert capsys.readouterr().err == "error: noise_offset must be a finite number, got nan.\n"
+    assert not (tmp_path / "never").exists()
+
+
+def test_output_dir_that_is_a_file_exits_2(shapes, tiny_config, tiny_vae, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(unet_args(shapes, tiny_config, tiny_vae, afile)) == 2
+    assert capsys.readouterr().err == f"error: output_dir {afile} is a file, not a folder.\n"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, afile / "run")) == 2
+    assert capsys.readouterr().err == f"error: cannot write to output_dir {afile / 'run'}: not a directory.\n"
+    assert afile.read_text() == "keep me"
 
 
 def test_bad_yaml_and_data_exit_2(shapes, tiny_config, tiny_vae, tmp_path, capsys):
@@ -227,7 +301,7 @@ def test_kill_9_during_save_keeps_previous_checkpoint(shapes, tiny_config, tiny_
     for attempt in range(3):
         run = tmp_path / f"killed{attempt}"
         proc = subprocess.Popen([sys.executable, str(REPO / "scripts/train.py"), *unet_args(shapes, tiny_config, tiny_vae, run, *args)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
         tmp = run / "checkpoints" / "ckpt-000006.tmp"
         while proc.poll() is None and not tmp.exists():
             time.sleep(0.002)
@@ -316,14 +390,14 @@ def test_two_processes_train_on_disjoint_shards(shapes, tiny_config, tiny_vae, t
     args = unet_args(shapes, tiny_config, tiny_vae, out, "--batch-size", "4", "--max-steps", "3", "--log-indices",
                      "--train-text-encoder", "--checkpoint-every", "2")
     res = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                         env=subprocess_env())
     assert res.returncode == 0, res.stderr[-3000:]
     seen = {r: [json.loads(line)["indices"] for line in (out / f"data-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
     for step in range(3):
         a, b = set(seen[0][step]), set(seen[1][step])
         assert len(a) == len(b) == 4 and not a & b
         assert a | b == set(ShardedEpochSampler(64, 8, 0).batch(step))  # together: the 1-process batch of 8
-    assert (out / "checkpoints" / "ckpt-000002" / "random_states_1.pkl").is_file()
+    assert {p.name for p in (out / "checkpoints" / "ckpt-000002").iterdir()} == CHECKPOINT_FILES | {"rng-1.json", "rng-1.safetensors"}
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
     pipe = load_pipeline(out / "model", device="cpu", precision="fp32")
     assert pipe(["a red circle"], num_inference_steps=2, seed=[0], output_type="numpy", progress=False).images.shape == (1, 32, 32, 3)
@@ -419,3 +493,215 @@ def test_sampler_epochs_shards_and_augmentation(shapes):
             pixels.setdefault(i, []).append(x)
     flipped = [[not torch.equal(p[0], p[e]) for e in range(1, 4)] for p in pixels.values()]
     assert any(any(f) for f in flipped)  # the flip is redrawn every epoch
+
+
+# ----------------------------------------------------------------------------------------- safety: NaN, pickles, disk
+
+
+def nan_at(monkeypatch, call: int, *, weights_only: bool = False):
+    """Make the loss NaN from its `call`-th evaluation on (1-based); with weights_only the loss stays finite but
+    its gradient is NaN (0·√0 has derivative 0·∞), which only the weights then show."""
+    from latentdiff.training import trainer
+
+    real, calls = trainer.diffusion_loss, [0]
+
+    def loss(pred, *args, **kwargs):
+        calls[0] += 1
+        value = real(pred, *args, **kwargs)
+        if calls[0] < call:
+            return value
+        if weights_only:
+            return value + 0.0 * torch.sqrt((pred * 0).sum())
+        return value * float("nan")
+
+    monkeypatch.setattr(trainer, "diffusion_loss", loss)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, tiny_config, tiny_vae, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "6", "--checkpoint-every", "2", "--log-every", "5")
+    nan_at(monkeypatch, 3)  # step 3 is neither a log nor a checkpoint step: found at step 4, before its checkpoint
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"error: the loss or its gradient became NaN/inf at step 3, so training stopped without saving; the last "
+                   f"good checkpoint, {out / 'checkpoints' / 'ckpt-000002'}, is kept — lower --lr (now 0.001) and --resume it.")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000002"]
+    assert not (out / "model").exists() and not leftovers(out)
+    monkeypatch.undo()
+    assert main([*args, "--resume", "latest"]) == 0  # the kept checkpoint is good
+    assert [r["step"] for r in read_log(out)] == [5, 6]
+
+
+def test_nan_weights_behind_a_finite_loss_are_never_saved(shapes, tiny_config, tiny_vae, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    nan_at(monkeypatch, 2, weights_only=True)  # the last step; no clipping, so no gradient norm is looked at
+    assert main(unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "2", "--max-grad-norm", "0")) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: the weights became NaN/inf by step 2, so {out / 'model'} was not written;")
+    assert [r["step"] for r in read_log(out)] == [1, 2] and all(math.isfinite(r["loss"]) for r in read_log(out))
+    assert not (out / "model").exists() and not leftovers(out)
+
+
+def test_huge_lr_diverges_with_an_error_not_a_nan_model(shapes, tiny_config, tiny_vae, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "4", "--lr", "1e30", "--max-grad-norm", "0",
+                          "--lr-schedule", "constant")) == 1
+    assert "became NaN/inf" in capsys.readouterr().err
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("cache", ["--cache-latents", "--no-cache-latents"])
+def test_a_dataset_of_unreadable_images_is_an_error(tiny_config, tiny_vae, tmp_path, capsys, cache):
+    from latentdiff.data import make_shapes
+
+    data = tmp_path / "data"
+    make_shapes(data, 8, size=32)
+    for png in data.glob("*.png"):
+        png.write_bytes(png.read_bytes()[:100])  # truncated
+    out = tmp_path / "run"
+    assert main(unet_args(data, tiny_config, tiny_vae, out, "--max-steps", "2", cache)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: none of the 8 images in {data} can be read (see the warnings above); nothing to train on.")
+    assert not (out / "model").exists()
+
+
+def test_torn_log_line_does_not_block_resume(shapes, tiny_config, tiny_vae, tmp_path):
+    out = tmp_path / "run"
+    assert main(unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "2", "--checkpoint-every", "2")) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.9')  # what a kill or a full disk leaves mid-line
+    assert main(unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "3", "--resume", "latest")) == 0
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+class Payload:
+    """A pickle whose loading runs a shell command (what a crafted checkpoint file carries)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# every pickle file accelerate's save_state wrote (latentdiff's checkpoint format 1) or can write
+ACCELERATE_PICKLES = ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "sampler.bin",
+                      "scaler.pt", "pytorch_model.bin", "dl_state_dict.bin"]
+
+
+def test_checkpoints_hold_no_pickles_and_crafted_ones_never_run(shapes, tiny_config, tiny_vae, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    out = tmp_path / "run"
+    args = unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "2", "--checkpoint-every", "2", "--ema-decay", "0.9")
+    assert main(args) == 0
+    ckpt = out / "checkpoints" / "ckpt-000002"
+    files = {p.name for p in ckpt.iterdir()}
+    assert files == CHECKPOINT_FILES | {"ema.json", "ema.safetensors"}
+    for f in ckpt.iterdir():  # not a pickle (protocol 2+ starts with 0x80) nor torch.save's zip of one
+        assert f.read_bytes()[:2] not in (b"PK",) and f.read_bytes()[:1] != b"\x80", f
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    torch.save(Payload(marker), evil)  # the form accelerate's files have
+    torch.load(evil, weights_only=False)  # the payload is live: loading it unsafely runs it
+    assert marker.exists()
+    marker.unlink()
+
+    # 1. beside this version's files, under every name accelerate used: ignored, never opened
+    for name in ACCELERATE_PICKLES:
+        shutil.copy(evil, ckpt / name)
+    assert main([*args, "--max-steps", "3", "--checkpoint-every", "0", "--resume", "latest"]) == 0
+    assert not marker.exists()
+
+    # 2. a checkpoint of format 1 (accelerate's pickles): refused up front with one sentence
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ckpt, legacy)
+    state = json.loads((legacy / "trainer_state.json").read_text())
+    (legacy / "trainer_state.json").write_text(json.dumps({**state, "format": "latentdiff-trainer-1"}))
+    capsys.readouterr()
+    assert main(unet_args(shapes, tiny_config, tiny_vae, tmp_path / "fresh", "--max-steps", "3", "--ema-decay", "0.9",
+                          "--resume", str(legacy))) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot resume from {legacy}: it was written by an older latentdiff whose checkpoints hold pickles, which "
+        "can run code when loaded and are never loaded now; start the run afresh.\n")
+    assert not (tmp_path / "fresh").exists() and not marker.exists()
+
+    # 3. the crafted pickle in place of each file this version writes: refused with one sentence naming the file
+    other = tmp_path / "other"  # one output folder for all (its latent cache is built once)
+    for name in sorted(files - {"trainer_state.json"}):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(ckpt, broken)
+        for extra in ACCELERATE_PICKLES:
+            (broken / extra).unlink()
+        (broken / name).write_bytes(pickle.dumps(Payload(marker)))
+        assert main(unet_args(shapes, tiny_config, tiny_vae, other, "--max-steps", "3", "--ema-decay", "0.9",
+                              "--resume", str(broken))) == 2, name
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(f"error: cannot resume from {broken}: {broken / name} is not ") and err[-1].endswith("."), err
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize("action", ["checkpoint", "model"])
+@pytest.mark.slow
+def test_full_disk_is_one_sentence_and_leaves_no_temporaries(shapes, tiny_config, tiny_vae, tmp_path, action):
+    """A 1 MB file-size limit (SIGXFSZ ignored, so writes fail with EFBIG as on a full disk): the checkpoint (9.6 MB)
+    or the model (UNet 3.2 MB) cannot be written; exit 1 with one sentence, no .tmp left, and a later run cleans up."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "run"
+    args = unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "2",
+                     "--checkpoint-every", "2" if action == "checkpoint" else "0")
+    res = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *args], capture_output=True, text=True,
+                         timeout=300, env=subprocess_env(), preexec_fn=limit_file_size)
+    target = {"checkpoint": f"save checkpoint {out / 'checkpoints' / 'ckpt-000002'}", "model": f"save the model to {out / 'model'}"}
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == f"error: cannot {target[action]}: file too large.", res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not (out / "model").exists() and not leftovers(out)
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+    # what a kill mid-write leaves is cleared at the next start
+    planted = [out / "checkpoints" / "ckpt-000009.tmp", out / "model.tmp", out / ".log.jsonl.4242.tmp",
+               out / "validation" / ".step-000002.png.4242.tmp"]
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir() if p.suffix == ".tmp" and not p.name.startswith(".") else p.write_text("x")
+    assert main(args) == 0
+    assert not leftovers(out) and (out / "model").is_dir()
+
+
+def test_state_files_round_trip_exactly_and_hold_only_data(tmp_path):
+    from latentdiff.training.state import StateError, load_state, save_state
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    base = torch.arange(12.0)
+    state = {"optimizer": opt.state_dict(), "shared": [base, base[:6]], "strided": base.view(3, 4).t(),
+             "flags": (True, None, "x", float("nan"), float("-inf"), 2**40)}
+    files = save_state(tmp_path, "s", state)
+    assert sorted(p.name for p in files) == ["s.json", "s.safetensors"]
+    back = load_state(tmp_path, "s")
+    assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]  # betas stay a tuple, keys stay ints
+    assert back["optimizer"]["state"].keys() == opt.state_dict()["state"].keys() == {0, 1}
+    for i, entry in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, back["optimizer"]["state"][i][k]) for k, v in entry.items())
+    assert torch.equal(back["shared"][1], base[:6]) and torch.equal(back["strided"], base.view(3, 4).t())
+    flags = back["flags"]
+    assert flags[:3] == (True, None, "x") and math.isnan(flags[3]) and flags[4] == -math.inf and flags[5] == 2**40
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])
+
+    (tmp_path / "s.json").write_text(json.dumps({"format": "latentdiff-state-1", "state": {"__object__": "os.system"}}))
+    with pytest.raises(StateError, match="is damaged"):
+        load_state(tmp_path, "s")

@@ -21,7 +21,7 @@ from ..errors import ModelError
 from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
 from ..pngmeta import GenerationParams, read_params, save_png, write_png
 from ..precision import PRECISIONS, precision_name
-from ..files import remove_stale_temporaries
+from ..files import remove_leftovers
 from ..schedulers import SAMPLERS, get_sampler
 from .outdir import claim_range
 
@@ -190,7 +190,7 @@ def run(args, prompts: list[str]) -> int:
     # which files are this job's: its range in the folder's manifest (another job's files are never touched)
     samples = args.outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(samples)
+    remove_leftovers(samples)
     first = claim_range(args.outdir, job_spec(args, prompts, pipe, width, height), len(items))
     path = {it.index: samples / f"{first + it.index:05d}.png" for it in items}
     mine = [it for it in items[state.process_index :: state.num_processes] if not path[it.index].exists()]

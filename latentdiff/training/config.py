@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config file, flag or value; the message is one sentence for the user."""
+
+
+MAX_SEED = 2**32 - 1  # as latentdiff.pipeline.MAX_SEED: seeds are 32-bit everywhere in latentdiff
 
 
 @dataclass
@@ -57,12 +61,15 @@ class RunConfig:
 
     def validate(self) -> None:
         """Checks that need no file reads beyond existence; raises ConfigError."""
+        _check_finite(self)
         if self.data is None:
             raise ConfigError("no dataset given; pass --data DIR or set `data:` in the config.")
         if not Path(self.data).is_dir():
             raise ConfigError(f"dataset folder {self.data} does not exist or is not a folder.")
         if self.output_dir is None:
             raise ConfigError("no output folder given; pass --output-dir DIR or set `output_dir:` in the config.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"output_dir {self.output_dir} is a file, not a folder.")
         positive = ("resolution", "batch_size", "gradient_accumulation", "max_steps", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -74,6 +81,15 @@ class RunConfig:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}.")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.adam_epsilon > 0:
+            raise ConfigError(f"adam_epsilon must be positive, got {self.adam_epsilon}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}.")
         _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _one_of("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
@@ -130,6 +146,13 @@ class TrainConfig(RunConfig):
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.validation_steps < 1:
             raise ConfigError(f"validation_steps must be at least 1, got {self.validation_steps}.")
+        if self.validation_prompts and not self.validation_seeds:
+            raise ConfigError("validation_prompts are given but validation_seeds is empty; give at least one seed.")
+        for s in self.validation_seeds:
+            if not 0 <= s <= MAX_SEED:
+                raise ConfigError(f"validation_seeds must be between 0 and {MAX_SEED}, got {s}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}.")
         if (self.lora_text_encoder or self.lora_alpha is not None) and self.lora_rank == 0:
             raise ConfigError("LoRA options are set but lora_rank is 0; set --lora-rank to train LoRA adapters.")
         if self.cache_latents and not self.center_crop:
@@ -154,8 +177,24 @@ class VAETrainConfig(RunConfig):
         if not Path(self.model_config).exists():
             raise ConfigError(f"--model-config {self.model_config} does not exist.")
         _one_of("reconstruction", self.reconstruction, ("l1", "l2"))
-        if self.kl_weight < 0 or self.scale_samples < 1:
-            raise ConfigError("kl_weight must not be negative and scale_samples must be at least 1.")
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_weight must not be negative, got {self.kl_weight}.")
+        if self.scale_samples < 1:
+            raise ConfigError(f"scale_samples must be at least 1, got {self.scale_samples}.")
+
+
+def _check_finite(config: RunConfig) -> None:
+    """Every float option must be a number: argparse and YAML both accept nan and inf (and 1e999 = inf), which
+    would pass every range check below (nan < 0 is False) and turn up as NaN weights at the end of the run."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        base, is_list = _flag_type(hints[f.name])
+        if base is not float:
+            continue
+        value = getattr(config, f.name)
+        for v in (value if is_list else [value]) if value is not None else []:
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}.")
 
 
 def _one_of(name: str, value, allowed: tuple) -> None:

@@ -9,7 +9,8 @@ import torch
 class EMA:
     """θ_ema ← d·θ_ema + (1 − d)·θ with d = min(decay, (1 + n)/(10 + n)) so early steps are not frozen in.
 
-    Registered with `accelerator.register_for_checkpointing`, so it saves and resumes with the run.
+    Its state_dict (decay, num_updates, the shadow tensors) goes into every checkpoint as ema.json +
+    ema.safetensors (training/run.py save_checkpoint), never as a pickle.
     """
 
     def __init__(self, parameters, decay: float):
@@ -46,5 +47,13 @@ class EMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = [s.to(p.device, torch.float32) for s, p in zip(state["shadow"], self.parameters)]
+        """Restore a state_dict(); ValueError when it does not fit these parameters (another model or config)."""
+        decay, num_updates, shadow = state["decay"], state["num_updates"], state["shadow"]
+        if not isinstance(decay, float) or not 0 <= decay < 1 or not isinstance(num_updates, int) or num_updates < 0:
+            raise ValueError(f"EMA decay {decay!r} or update count {num_updates!r} is out of range")
+        if not isinstance(shadow, list) or len(shadow) != len(self.parameters) or any(
+                not isinstance(s, torch.Tensor) or s.shape != p.shape for s, p in zip(shadow, self.parameters)):
+            raise ValueError("the EMA weights do not match the trained parameters (another model, LoRA rank or "
+                             "--train-text-encoder setting?)")
+        self.decay, self.num_updates = decay, num_updates
+        self.shadow = [s.to(p.device, torch.float32) for s, p in zip(shadow, self.parameters)]

@@ -2,7 +2,10 @@
 
 Exact resume rests on two rules. (1) The data order and every random draw are pure functions of
 (seed, process rank, micro-step), never of a generator's history, so a resumed run recomputes them.
-(2) Everything else that evolves (weights, AdamW moments, EMA) is in the accelerate checkpoint.
+(2) Everything else that evolves (weights, AdamW moments, EMA, the global RNGs) is in the checkpoint.
+
+A checkpoint holds safetensors and JSON only (training/state.py), never a pickle, so resuming one runs no code;
+and it is written only when the weights are finite, so a diverged run keeps its last good checkpoint.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import functools
 import json
 import logging
 import math
+import os
+import random
 import shutil
 import time
 from dataclasses import asdict
@@ -18,23 +23,30 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, is_tensorboard_available
+from accelerate.utils import DistributedType, gather_object, is_tensorboard_available
 from tqdm.auto import tqdm
 
+from latentdiff.data import DataError
 from latentdiff.devices import cpu_only
-from latentdiff.files import atomic_write_text, publish_dir, staging_dir
+from latentdiff.errors import TrainingError
+from latentdiff.files import (atomic_write_text, os_error_cause, publish_dir, remove_leftovers, staging_dir,
+                              writing)
 from latentdiff.training.config import ConfigError, RunConfig
+from latentdiff.training.state import StateError, load_module, load_state, save_module, save_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "ckpt-"
 STATE_FILE = "trainer_state.json"
+CHECKPOINT_FORMAT = "latentdiff-trainer-2"  # safetensors + JSON; "-1" was accelerate's save_state (pickles)
+MODEL_FILE = "model.safetensors"
+NEVER = 2**62  # "no step" in the cross-process minimum of the first non-finite step
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
     if config.mixed_precision == "fp16" and cpu_only():
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine.")
-    return Accelerator(
+    accelerator = Accelerator(
         # with no GPU, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes that
         # accelerate joins with gloo only when told the run is on the CPU (as latentdiff.devices does)
         cpu=cpu_only(),
@@ -43,6 +55,58 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         log_with="tensorboard" if is_tensorboard_available() else None,
         project_dir=config.output_dir,
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        # their checkpoints are pickles that those engines load with code execution allowed
+        raise ConfigError(f"{accelerator.distributed_type.value} is not supported: latentdiff's checkpoints (safetensors "
+                          "and JSON, never pickles) cover one process and DDP; launch with --multi_gpu instead.")
+    return accelerator
+
+
+def together(accelerator: Accelerator, fn):
+    """Run fn() on every process; if it raises on any, raise on all (a lone failure would leave the rest waiting
+    at the next barrier). The process that failed re-raises its own exception, the others a TrainingError."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 — re-raised below, after the others have heard of it
+        error, result = e, None
+    if accelerator.num_processes > 1:
+        failures = [f for f in gather_object([None if error is None else str(error)]) if f is not None]
+        if error is None and failures:
+            raise TrainingError(failures[0])
+    if error is not None:
+        raise error
+    return result
+
+
+def prepare_output_dir(accelerator: Accelerator, config: RunConfig) -> Path:
+    """Create output_dir (a ConfigError, exit 2, if that fails) and clear what killed or failed writes left there."""
+    out = Path(config.output_dir)
+
+    def prepare():
+        if not accelerator.is_main_process:
+            return
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test.{os.getpid()}.tmp"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to output_dir {out}: {os_error_cause(e)[1]}.") from None
+        for folder in (out, checkpoints_dir(out), out / "validation", out / "latent_cache"):
+            for path in remove_leftovers(folder):
+                logger.info("removed %s, left by an interrupted write", path)
+
+    together(accelerator, prepare)
+    return out
+
+
+def require_readable(dataset, data: str) -> None:
+    """DataError unless at least one item of `dataset` can be read (a dataset of unreadable images trains nothing)."""
+    for i in range(len(dataset)):
+        if dataset[i] is not None:
+            return
+    raise DataError(f"none of the {len(dataset)} images in {data} can be read (see the warnings above); nothing to train on.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,35 +213,161 @@ def resolve_resume(config: RunConfig) -> Path | None:
         path = Path(config.resume)
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"--resume {path} is not a complete checkpoint (it has no {STATE_FILE}).")
+        read_checkpoint(path)
         return path
     found = complete_checkpoints(config.output_dir)
+    if found:
+        read_checkpoint(found[-1])
     return found[-1] if found else None  # "latest" with nothing saved yet starts fresh
 
 
-def save_checkpoint(accelerator: Accelerator, config: RunConfig, step: int) -> Path:
-    """accelerate save_state into ckpt-XXXXXX.tmp, then rename; older ones pruned only after that."""
+def read_checkpoint(path: Path) -> dict:
+    """The trainer_state.json of a checkpoint; ConfigError (one sentence) unless it is this version's format."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot resume from {path}: cannot read {STATE_FILE} ({os_error_cause(e)[1]}).") from None
+    except (ValueError, RecursionError):
+        raise ConfigError(f"cannot resume from {path}: {STATE_FILE} is not valid JSON.") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("latentdiff-trainer-"):
+            raise ConfigError(f"cannot resume from {path}: it was written by an older latentdiff whose checkpoints hold "
+                              "pickles, which can run code when loaded and are never loaded now; start the run afresh.")
+        raise ConfigError(f"cannot resume from {path}: {STATE_FILE} is not a latentdiff checkpoint's (format {fmt!r}).")
+    if not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+        raise ConfigError(f"cannot resume from {path}: {STATE_FILE} has no valid step.")
+    return state
+
+
+def _rng_state() -> dict:
+    """The global RNGs of this process (nothing in latentdiff draws from them, but dropout or a user's code might)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def check_weights(step: int, tensors, what: str) -> None:
+    """TrainingError unless every floating tensor is finite: NaN weights are never written anywhere."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        raise TrainingError(f"the weights became NaN/inf by step {step}, so {what} was not written; earlier "
+                            "checkpoints are kept — lower --lr or set --max-grad-norm, then --resume from one.")
+
+
+def save_checkpoint(accelerator: Accelerator, config: RunConfig, step: int, model, optimizer, ema=None) -> Path:
+    """Everything that evolves, into ckpt-XXXXXX.tmp, then renamed; older ones pruned only after that.
+
+    model.safetensors, optimizer.{json,safetensors}, ema.{…} and scaler.json (main process), rng-R.{…} (each
+    process R), then trainer_state.json last: a folder with it is complete by construction. A failed save (full
+    disk, NaN weights) removes the .tmp folder and leaves the earlier checkpoints as they were.
+    """
     final = checkpoints_dir(config.output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = staging_dir(final)  # one name for every process: each writes its own files into it
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed save
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # written last: a folder with trainer_state.json is complete by construction
-        state = {"step": step, "config": asdict(config), "format": "latentdiff-trainer-1"}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2), durable=True)
-        publish_dir(tmp, final)  # also replaces the same step saved by an earlier run
+    main = accelerator.is_main_process
+    trained = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+
+    def prepare():
+        check_weights(step, trained + (ema.shadow if ema is not None else []), f"checkpoint {final}")
+        if main:
+            with writing(final, "save checkpoint"):
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
+                tmp.mkdir(parents=True)
+
+    def write_parts():
+        with writing(final, "save checkpoint"):
+            if main:
+                save_module(accelerator.unwrap_model(model), tmp / MODEL_FILE)
+                save_state(tmp, "optimizer", optimizer.state_dict())
+                if ema is not None:
+                    save_state(tmp, "ema", ema.state_dict())
+                if accelerator.scaler is not None:
+                    save_state(tmp, "scaler", accelerator.scaler.state_dict())
+            save_state(tmp, f"rng-{accelerator.process_index}", _rng_state())
+
+    def publish():
+        if not main:
+            return
+        with writing(final, "save checkpoint"):
+            # written last: a folder with trainer_state.json is complete by construction
+            state = {"step": step, "format": CHECKPOINT_FORMAT, "accelerator_step": accelerator.step,
+                     "num_processes": accelerator.num_processes, "config": asdict(config)}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2), durable=True)
+            publish_dir(tmp, final)  # also replaces the same step saved by an earlier run
         for old in complete_checkpoints(config.output_dir)[: -config.keep_checkpoints]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+            try:
+                shutil.rmtree(old)
+            except OSError as e:
+                logger.warning("could not remove the old checkpoint %s (%s)", old, os_error_cause(e)[1])
+
+    try:
+        for stage in (prepare, write_parts, publish):
+            together(accelerator, stage)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
-    """Restore models, optimiser and registered objects; returns the optimiser step to go on from."""
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())["step"]
+def _check_optimizer_state(optimizer, state) -> None:
+    """ValueError unless every per-parameter tensor (AdamW's moments) has its parameter's shape: torch's
+    load_state_dict does not look, and a mismatch would only fail at the next optimiser step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state["state"] if isinstance(state, dict) and isinstance(state.get("state"), dict) else None
+    if saved is None:
+        raise ValueError("the optimizer state has no per-parameter entries")
+    for index, entry in saved.items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            raise ValueError(f"its optimizer has state for more parameters than the {len(params)} this run trains; "
+                             "were --train-text-encoder or the LoRA options different?")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                raise ValueError(f"the optimizer's {name} of parameter {index} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(params[index].shape)}")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, ema=None) -> int:
+    """Restore weights, optimiser, EMA, scaler and RNGs (no pickle is read); returns the optimiser step to go on from.
+
+    A damaged or foreign checkpoint is a ConfigError naming the file.
+    """
+    info = read_checkpoint(path)
+    try:
+        load_module(accelerator.unwrap_model(model), path / MODEL_FILE)
+        optimizer_state = load_state(path, "optimizer")
+        _check_optimizer_state(optimizer, optimizer_state)
+        optimizer.load_state_dict(optimizer_state)
+        if ema is not None:
+            ema.load_state_dict(load_state(path, "ema", device=accelerator.device))
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(load_state(path, "scaler"))
+        rng = path / f"rng-{accelerator.process_index}.json"
+        if rng.is_file():
+            _set_rng_state(load_state(path, rng.stem))
+        else:
+            logger.warning("%s has no random state for process %d (saved by %s processes)", path,
+                           accelerator.process_index, info.get("num_processes"))
+    except StateError as e:
+        raise ConfigError(f"cannot resume from {path}: {e}.") from None
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as e:
+        what = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot resume from {path}: its state does not fit this run ({what}).") from None
+    accelerator.step = info.get("accelerator_step", 0) if isinstance(info.get("accelerator_step"), int) else 0
+    return info["step"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +390,12 @@ class RunLog:
             accelerator.init_trackers(name, config={k: str(v) for k, v in asdict(config).items()})
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows up to `step`; a torn line (what a kill or a full disk leaves mid-write) is dropped."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        with writing(self.path, "rewrite"):
+            kept = [line for line in self.path.read_text(errors="replace").splitlines() if _row_step(line) <= step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, metrics: dict, write: bool) -> None:
         """Advance the bar by one step; on `write` steps also append a JSONL line and log to trackers."""
@@ -216,7 +408,7 @@ class RunLog:
         ips = self.images_per_step * (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
         row = {"step": step, **metrics, "images_per_s": round(ips, 3)}
-        with open(self.path, "a") as f:
+        with writing(self.path, "write"), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{ips:.1f}")
         self.accelerator.log(row, step=step)
@@ -226,8 +418,18 @@ class RunLog:
             self.bar.close()
 
 
+def _row_step(line: str) -> float:
+    """The step of a log.jsonl line; +inf (never kept) for a torn or foreign line."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
 def log_indices(config: RunConfig, rank: int, step: int, indices: list[int]) -> None:
-    with open(Path(config.output_dir) / f"data-rank{rank}.jsonl", "a") as f:
+    path = Path(config.output_dir) / f"data-rank{rank}.jsonl"
+    with writing(path, "write"), open(path, "a") as f:
         f.write(json.dumps({"step": step, "indices": indices}) + "\n")
 
 
@@ -236,11 +438,15 @@ def log_indices(config: RunConfig, rank: int, step: int, indices: list[int]) -> 
 
 
 def train_loop(accelerator: Accelerator, config: RunConfig, model, optimizer, params, sampler: ShardedEpochSampler,
-               loader, start_step: int, loss_fn, on_step, name: str) -> list[int]:
+               loader, start_step: int, loss_fn, on_step, name: str, ema=None) -> list[int]:
     """Optimiser steps start_step+1 … max_steps; returns the dataset indices that were unreadable.
 
     loss_fn(batch, generator) → scalar loss; on_step(step) runs after every optimiser update (EMA,
     validation); checkpoints follow it, so a checkpoint holds the step's EMA and validation state.
+
+    A NaN/inf loss (or gradient norm, without fp16's scaler, which skips such steps itself) stops the run with
+    a TrainingError naming the first such step. The values are kept on the device and looked at only on the
+    steps that already synchronise (log, validation, checkpoint, last), always before anything is saved.
     """
     if start_step >= config.max_steps:  # resumed from the final checkpoint: nothing left to train
         return []
@@ -250,40 +456,69 @@ def train_loop(accelerator: Accelerator, config: RunConfig, model, optimizer, pa
     micro = start_step * config.gradient_accumulation
     _set_lr(optimizer, lr_at(step, config))
     pending, missing = [], set()
-    for batch in loader:
-        requested = sampler.batch(micro)
-        missing.update(set(requested) - set(batch["index"] if batch is not None else []))
-        if config.log_indices:
-            log_indices(config, rank, step + 1, batch["index"] if batch is not None else [])
-        with accelerator.accumulate(model):
-            if batch is not None:  # None: every image of this micro-batch was unreadable (warned by the dataset)
-                with accelerator.autocast():
-                    loss = loss_fn(batch, step_generator(config.seed, rank, micro))
-                accelerator.backward(loss)
-                pending.append(loss.detach())
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        _set_lr(optimizer, lr_at(step, config))
-        write = step % config.log_every == 0 or step == config.max_steps
-        metrics = {}
-        if write:
-            mean = torch.stack(pending).mean() if pending else torch.tensor(float("nan"), device=accelerator.device)
-            metrics = {"loss": accelerator.reduce(mean, "mean").item(), "lr": lr_at(step - 1, config)}
-            pending = []
-        log.step(step, metrics, write)
-        on_step(step)
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, config, step)
-        if step >= config.max_steps:
-            break
-    log.close()
+    first_bad = torch.full((), NEVER, dtype=torch.int64, device=accelerator.device)  # first NaN/inf step, on the device
+    validation_every = getattr(config, "validation_every", 0)
+    try:
+        for batch in loader:
+            requested = sampler.batch(micro)
+            missing.update(set(requested) - set(batch["index"] if batch is not None else []))
+            if config.log_indices:
+                log_indices(config, rank, step + 1, batch["index"] if batch is not None else [])
+            with accelerator.accumulate(model):
+                if batch is not None:  # None: every image of this micro-batch was unreadable (warned by the dataset)
+                    with accelerator.autocast():
+                        loss = loss_fn(batch, step_generator(config.seed, rank, micro))
+                    accelerator.backward(loss)
+                    pending.append(loss.detach())
+                    first_bad = _watch(first_bad, loss.detach(), step + 1)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    if norm is not None and accelerator.scaler is None:
+                        first_bad = _watch(first_bad, norm.detach(), step + 1)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            _set_lr(optimizer, lr_at(step, config))
+            write = step % config.log_every == 0 or step == config.max_steps
+            checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            validation = bool(validation_every) and step % validation_every == 0
+            if write or checkpoint or validation or step >= config.max_steps:
+                _stop_if_diverged(accelerator, config, first_bad)
+            metrics = {}
+            if write:
+                mean = torch.stack(pending).mean() if pending else torch.tensor(float("nan"), device=accelerator.device)
+                metrics = {"loss": accelerator.reduce(mean, "mean").item(), "lr": lr_at(step - 1, config)}
+                pending = []
+            log.step(step, metrics, write)
+            on_step(step)
+            if checkpoint:
+                save_checkpoint(accelerator, config, step, model, optimizer, ema)
+            if step >= config.max_steps:
+                break
+    finally:
+        log.close()  # also when the run fails: the bar's last line must not come after the error
     return sorted(set().union(*gather_object([missing])))
+
+
+def _watch(first_bad: torch.Tensor, value: torch.Tensor, step: int) -> torch.Tensor:
+    """min(first_bad, step if `value` is NaN/inf): device work only, no host synchronisation."""
+    return torch.minimum(first_bad, torch.where(torch.isfinite(value.reshape(()).to(first_bad.device)), NEVER, step))
+
+
+def _stop_if_diverged(accelerator: Accelerator, config: RunConfig, first_bad: torch.Tensor) -> None:
+    """TrainingError naming the first step (over all processes) whose loss or gradient norm was NaN/inf."""
+    if accelerator.num_processes > 1:
+        first_bad = accelerator.gather(first_bad.reshape(1))
+    bad = int(first_bad.min().item())
+    if bad == NEVER:
+        return
+    found = complete_checkpoints(config.output_dir)
+    kept = (f"the last good checkpoint, {found[-1]}, is kept — lower --lr (now {config.lr:g}) and --resume it" if found
+            else f"no checkpoint had been saved yet — lower --lr (now {config.lr:g}) and start again")
+    raise TrainingError(f"the loss or its gradient became NaN/inf at step {bad}, so training stopped without saving; {kept}.")
 
 
 def _set_lr(optimizer, lr: float) -> None:

@@ -15,16 +15,19 @@ import torch
 from torch import nn
 
 from latentdiff import text
+from latentdiff.config import DEFAULTS
 from latentdiff.data import (CachedLatentDataset, CaptionedImageDataset, LatentCache, collate_skip_none,
                              scan_captioned_images)
+from latentdiff.files import writing
 from latentdiff.guidance import drop_captions
-from latentdiff.schedulers import schedules
+from latentdiff.schedulers import get_sampler, schedules
 from latentdiff.training import lora
 from latentdiff.training.config import ConfigError, TrainConfig
 from latentdiff.training.ema import EMA
 from latentdiff.training.losses import diffusion_loss, offset_noise
-from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
-                                     make_optimizer, resolve_resume, summary, train_loop)
+from latentdiff.training.run import (ShardedEpochSampler, check_weights, load_checkpoint, make_accelerator,
+                                     make_loader, make_optimizer, prepare_output_dir, require_readable,
+                                     resolve_resume, summary, together, train_loop)
 from latentdiff.training.validation import validation_grid
 from latentdiff.vae import to_latents
 
@@ -64,12 +67,33 @@ def load_model(config: TrainConfig):
     return pipe
 
 
+def check_validation_steps(pipe, steps: int) -> None:
+    """ConfigError unless the validation sampler can take `steps` on this model's schedule (before any work:
+    otherwise the run would train to the end and fail at its first grid)."""
+
+    def fits(n: int) -> bool:
+        try:
+            get_sampler(DEFAULTS.sampler, pipe.schedule).set_timesteps(n)
+        except (ValueError, IndexError):  # IndexError: a timestep past the schedule (leading spacing + steps_offset)
+            return False
+        return True
+
+    if fits(steps):
+        return
+    T = pipe.schedule.num_train_timesteps
+    most = next((n for n in range(min(steps, T), 0, -1) if fits(n)), 0)
+    raise ConfigError(f"validation_steps {steps} is more than the {DEFAULTS.sampler} sampler takes on this model's "
+                      f"schedule ({T} training timesteps, steps_offset {pipe.schedule.steps_offset}); use at most {most}.")
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) one training; returns the saved model folder (or LoRA file)."""
     # 1. Everything that can fail on bad input, before anything is written
     items = scan_captioned_images(config.data, allow_missing_captions=config.allow_missing_captions)
     accelerator = make_accelerator(config)
     pipe = load_model(config)
+    if config.validation_prompts:
+        check_validation_steps(pipe, config.validation_steps)
     sampler = ShardedEpochSampler(len(items), config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
     resume_from = resolve_resume(config)
     device = accelerator.device
@@ -92,21 +116,21 @@ def train(config: TrainConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(params, config.ema_decay) if config.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = EMA(params, config.ema_decay) if config.ema_decay else None  # checkpointed by save_checkpoint itself
 
     # 3. Data: cached VAE posteriors, or pixels encoded on the fly
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(accelerator, config)
     if config.cache_latents:
-        cache = LatentCache(Path(config.output_dir) / "latent_cache", vae, config.resolution, config.center_crop, config.random_flip)
+        cache = LatentCache(out_dir / "latent_cache", vae, config.resolution, config.center_crop, config.random_flip)
         with accelerator.main_process_first():  # the main process encodes; the others then find every entry
-            cache.build(items, config.batch_size, progress=accelerator.is_main_process)
+            with writing(cache.cache_dir, "write the latent cache in"):
+                cache.build(items, config.batch_size, progress=accelerator.is_main_process)
         dataset = CachedLatentDataset(cache, items, seed=config.seed)
     else:
         dataset = CaptionedImageDataset(items, config.resolution, center_crop=config.center_crop,
                                         random_flip=config.random_flip, seed=config.seed)
-    start_step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    require_readable(dataset, config.data)
+    start_step = load_checkpoint(accelerator, resume_from, model, optimizer, ema) if resume_from else 0
     if resume_from:
         logger.info("resumed from %s at step %d", resume_from, start_step)
     sampler.start = start_step * config.gradient_accumulation
@@ -134,36 +158,45 @@ def train(config: TrainConfig) -> Path:
         if not config.validation_prompts or not accelerator.is_main_process:
             return
         model.eval()
-        with (ema.swapped() if ema else contextlib.nullcontext()), accelerator.autocast():
+        grid = out_dir / "validation" / f"step-{step:06d}.png"
+        with (ema.swapped() if ema else contextlib.nullcontext()), accelerator.autocast(), writing(grid, "write the validation grid"):
             validation_grid(pipe, config.validation_prompts, config.validation_seeds, config.validation_steps,
-                            config.validation_guidance, Path(config.output_dir) / "validation" / f"step-{step:06d}.png")
+                            config.validation_guidance, grid)
         model.train()
 
     def on_step(step: int) -> None:
         if ema is not None:
             ema.update()
         if config.validation_every and step % config.validation_every == 0 and step < config.max_steps:
-            validate(step)
-            accelerator.wait_for_everyone()
+            together(accelerator, lambda: validate(step))
 
     # 5. Train
-    missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn, on_step, "train")
+    missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn, on_step,
+                         "train", ema=ema)
 
-    # 6. Save: the EMA weights when kept, as a diffusers folder (or a LoRA file)
-    out = Path(config.output_dir) / ("pytorch_lora_weights.safetensors" if config.lora_rank else "model")
-    if accelerator.is_main_process:
+    # 6. Save: the EMA weights when kept, as a diffusers folder (or a LoRA file); never NaN weights
+    out = out_dir / ("pytorch_lora_weights.safetensors" if config.lora_rank else "model")
+
+    def save() -> None:
+        if not accelerator.is_main_process:
+            return
         if ema is not None:
             ema.copy_to_model()
+        check_weights(config.max_steps, params, str(out))
         validate(config.max_steps)
-        if config.lora_rank:
-            lora.save_lora(out, unet, text_encoder if config.lora_text_encoder else None)
-        else:
-            pipe.save_pretrained(out)
-            if config.export_single_file:
-                from latentdiff.checkpoints import save_single_file
+        with writing(out, "save the model to"):
+            if config.lora_rank:
+                lora.save_lora(out, unet, text_encoder if config.lora_text_encoder else None)
+            else:
+                pipe.save_pretrained(out)
+        if config.export_single_file and not config.lora_rank:
+            from latentdiff.checkpoints import save_single_file
 
-                save_single_file(Path(config.output_dir) / "model.safetensors", unet, vae, text_encoder, schedule=pipe.schedule)
+            single = out_dir / "model.safetensors"
+            with writing(single, "save the model to"):
+                save_single_file(single, unet, vae, text_encoder, schedule=pipe.schedule)
         summary(config, items, missing, out)
-    accelerator.wait_for_everyone()
+
+    together(accelerator, save)
     accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out

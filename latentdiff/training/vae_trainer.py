@@ -5,17 +5,20 @@ variance and the noise schedule means what it says; we measure std(z) over the d
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from latentdiff.data import CaptionedImageDataset, collate_skip_none, scan_captioned_images
-from latentdiff.files import atomic_dir
+from latentdiff.errors import TrainingError
+from latentdiff.files import atomic_dir, writing
 from latentdiff.training.config import ConfigError, VAETrainConfig
 from latentdiff.training.losses import vae_loss
-from latentdiff.training.run import (ShardedEpochSampler, load_checkpoint, make_accelerator, make_loader,
-                                     make_optimizer, resolve_resume, summary, train_loop)
+from latentdiff.training.run import (ShardedEpochSampler, check_weights, load_checkpoint, make_accelerator,
+                                     make_loader, make_optimizer, prepare_output_dir, require_readable,
+                                     resolve_resume, summary, together, train_loop)
 from latentdiff.vae import posterior, sample_posterior
 
 
@@ -57,10 +60,11 @@ def train_vae(config: VAETrainConfig) -> Path:
     params = list(model.parameters())
     optimizer = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(accelerator, config)
     dataset = CaptionedImageDataset(items, config.resolution, center_crop=config.center_crop,
                                     random_flip=config.random_flip, seed=config.seed)
-    start_step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    require_readable(dataset, config.data)
+    start_step = load_checkpoint(accelerator, resume_from, model, optimizer) if resume_from else 0
     sampler.start = start_step * config.gradient_accumulation
     loader = make_loader(dataset, sampler, config.num_workers, collate_skip_none)
 
@@ -72,15 +76,23 @@ def train_vae(config: VAETrainConfig) -> Path:
     missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn,
                          lambda step: None, "train-vae")
 
-    out = Path(config.output_dir) / "vae"
-    if accelerator.is_main_process:
+    out = out_dir / "vae"
+
+    def save() -> None:
+        if not accelerator.is_main_process:
+            return
+        check_weights(config.max_steps, params, str(out))
         std = latent_std(vae, dataset, config.scale_samples, config.batch_size, config.seed)
+        if not math.isfinite(std) or std <= 0:
+            raise TrainingError(f"the latents' std is {std}, so {out} was not written; the VAE has collapsed or "
+                                "diverged — lower --lr or raise --kl-weight.")
         vae.register_to_config(scaling_factor=1.0 / std)
-        with atomic_dir(out) as tmp:
+        with writing(out, "save the VAE to"), atomic_dir(out) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
         print(f"latent std {std:.4f} → scaling_factor {1 / std:.5f}")
         summary(config, items, missing, out)
-    accelerator.wait_for_everyone()
+
+    together(accelerator, save)
     accelerator.end_training()  # finishes trackers; ends the process group of a multi-process run
     return out
 

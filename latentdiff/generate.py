@@ -64,12 +64,17 @@ def check_args(args) -> list[str]:
     if args.from_png is not None:
         if not args.from_png.is_file():
             raise UsageError(f"--from-png {args.from_png} does not exist; expected a PNG written by latentdiff")
-        params = read_params(args.from_png)
+        try:
+            params = read_params(args.from_png)
+            eta = float(params.extra.get("Eta", args.eta))
+        except (OSError, ValueError) as e:  # not an image, no `parameters` chunk, or text that does not parse
+            reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise UsageError(f"cannot replay --from-png {args.from_png}: {reason}") from None
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
         args.W, args.H = params.width, params.height
         args.precision = params.extra.get("Precision", args.precision)
-        args.eta = float(params.extra.get("Eta", args.eta))
+        args.eta = eta
         args.n_samples = args.n_iter = 1
     args.steps = DEFAULTS["steps"] if args.steps is None else args.steps
     args.scale = DEFAULTS["scale"] if args.scale is None else args.scale

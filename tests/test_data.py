@@ -67,15 +67,20 @@ def test_caption_grammar():
     assert len(all_prompts(include_holdout=False)) == (8 * 4 - len(HOLDOUT)) * 7
 
 
-@pytest.mark.parametrize("argv", [["--n", "-1"], ["--n", "3", "--colors", "red,teal"],
-                                  ["--n", "3", "--shapes", "circle,blob"], ["--n", "3", "--colors", "red"]])
-def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv):
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "-1"], "n must be >= 0, got -1"),
+    (["--n", "3", "--colors", "red,teal"], "unknown color 'teal'"),
+    (["--n", "3", "--shapes", "circle,blob"], "unknown shape(s) blob"),
+    (["--n", "3", "--colors", "red"], "at least two colors are needed"),
+    (["--n", "3", "--colors", "red,pink=#ff69"], "color 'pink=#ff69' must look like name=#rrggbb"),
+])
+def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         make_shapes_main([str(out), *argv])
     assert exit_info.value.code == 2
     assert not out.exists()
-    assert "error:" in capsys.readouterr().err
+    assert f"error: {message}" in capsys.readouterr().err
 
 
 def test_make_shapes_cli(tmp_path):

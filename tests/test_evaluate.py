@@ -132,15 +132,16 @@ def test_eval_shapes_sweep_prints_a_table(tmp_path, capsys, fake_pipeline_module
     assert len(json.loads((tmp_path / "s.json").read_text())) == 9
 
 
-@pytest.mark.parametrize("argv", [
-    ["--n-per-prompt", "0"],
-    ["--n-per-prompt", "1", "--sampler", "plms"],
-    ["--n-per-prompt", "1", "--model", "/nonexistent/model"],
-    ["--n-per-prompt", "1", "--out", "/nonexistent/dir/r.json"],
-    ["--n-per-prompt", "1", "--precision", "fp8"],
+@pytest.mark.parametrize("argv, message", [
+    (["--n-per-prompt", "0"], "--n-per-prompt must be at least 1, got 0"),
+    (["--n-per-prompt", "1", "--sampler", "plms"], "unknown sampler 'plms'"),
+    (["--n-per-prompt", "1", "--model", "/nonexistent/model"], "model path /nonexistent/model does not exist"),
+    (["--n-per-prompt", "1", "--out", "/nonexistent/dir/r.json"], "cannot write /nonexistent/dir/r.json"),
+    (["--n-per-prompt", "1", "--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--n-per-prompt", "1", "--shapes", "circle,blob"], "unknown shape(s) ['blob']"),
 ])
-def test_eval_shapes_main_rejects_bad_args(argv, capsys, fake_pipeline_module):
+def test_eval_shapes_main_rejects_bad_args(argv, message, capsys, fake_pipeline_module):
     with pytest.raises(SystemExit) as info:
         eval_shapes.main(argv)
     assert info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    assert f"error: {message}" in capsys.readouterr().err

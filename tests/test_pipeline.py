@@ -62,6 +62,8 @@ def test_seeds_and_images_per_prompt(pipe):
     assert len(random.seeds) == 1 and 0 <= random.seeds[0] < 2**32
     again = pipe(PROMPTS[0], num_inference_steps=1, seed=random.seeds, output_type="numpy", progress=False).images[0]
     assert np.array_equal(np.asarray(random.images[0]), again)
+    alone = pipe(PROMPTS[1], seed=13, num_inference_steps=2, output_type="numpy", progress=False).images[0]
+    assert np.abs(out.images[3].astype(int) - alone).max() <= 1  # the images follow the seeds, not just the list
 
 
 def test_guidance_one_skips_unconditional_pass(pipe):
@@ -81,6 +83,12 @@ def test_callback_and_latents(pipe):
     out = pipe("", latents=latents, num_inference_steps=3, callback=lambda i, t, x: seen.append((i, t, tuple(x.shape))), output_type="latents", progress=False)
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 8, 8)
     assert out.images.shape == (1, 4, 8, 8)
+    # the given x_T is used, whatever the seed: the seed-0 draw gives the seed-0 image, other latents another one
+    seeded = pipe("", seed=0, num_inference_steps=3, output_type="latents", progress=False).images
+    torch.testing.assert_close(out.images, seeded)
+    torch.testing.assert_close(pipe("", latents=latents, seed=123, num_inference_steps=3, output_type="latents", progress=False).images, seeded)
+    other = pipe("", latents=-latents, seed=0, num_inference_steps=3, output_type="latents", progress=False).images
+    assert (other - seeded).abs().max() > 0.1
 
 
 def test_long_prompt_warns_with_dropped_words(pipe, caplog):
@@ -91,7 +99,8 @@ def test_long_prompt_warns_with_dropped_words(pipe, caplog):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(height=12), "multiples of 8"),
+    (dict(height=12), "multiples of 8 \\(in pixels\\), got width=16, height=12"),
+    (dict(width=20), "multiples of 8 \\(in pixels\\), got width=20, height=16"),
     (dict(num_inference_steps=0), "at least 1"),
     (dict(sampler="plms"), "unknown sampler"),
     (dict(seed=[1, 2, 3]), "3 seeds for 1 images"),
@@ -108,6 +117,16 @@ def test_nan_weights_are_reported(tiny_model_dir):
         broken.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(ModelError, match="UNet"):
         broken("a cat", num_inference_steps=1, progress=False)
+
+
+def test_nan_vae_decoder_is_reported_as_the_vae(tiny_model_dir):
+    broken = load_pipeline(tiny_model_dir, device="cpu", precision="fp32")
+    with torch.no_grad():
+        broken.vae.decoder.conv_out.bias.fill_(float("nan"))
+    assert torch.isfinite(broken("a cat", num_inference_steps=1, output_type="latents", progress=False).images).all()
+    for output_type in ("pil", "pt"):
+        with pytest.raises(ModelError, match="VAE decoder produced NaN"):
+            broken("a cat", num_inference_steps=1, output_type=output_type, progress=False)
 
 
 def test_bf16_close_to_fp32(tiny_model_dir, pipe):

@@ -103,12 +103,20 @@ def leftovers(out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------- milestone 1
 
 
-def test_vae_run_sets_scaling_factor(tiny_vae):
+def test_vae_run_sets_scaling_factor(tiny_vae, shapes):
     from diffusers import AutoencoderKL
+
+    from latentdiff.data import load_pixels, scan_captioned_images
 
     vae = AutoencoderKL.from_pretrained(tiny_vae)
     assert vae.config.scaling_factor != 1.0 and 0.01 < vae.config.scaling_factor < 100
     assert read_log(tiny_vae.parent)[-1]["step"] == 4
+    # LDM's s = 1/std(z): scaled posterior samples of the training images have unit standard deviation
+    with torch.no_grad():
+        posterior = vae.encode(torch.stack([load_pixels(p, 32) for p, _ in scan_captioned_images(shapes)])).latent_dist
+    for seed in (1, 2):
+        scaled = posterior.sample(torch.Generator().manual_seed(seed)) * vae.config.scaling_factor
+        assert scaled.std().item() == pytest.approx(1.0, abs=0.03)
 
 
 def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_vae, tmp_path):
@@ -133,6 +141,28 @@ def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_va
     assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((tiny_vae / "config.json").read_text())["scaling_factor"])
     image = pipe(["a red circle on a white background"], num_inference_steps=2, seed=[0], output_type="numpy", progress=False).images
     assert image.shape == (1, 32, 32, 3)
+
+    # the saved model holds the EMA weights (the checkpoint's shadow), not the last trained ones, and the text
+    # encoder was trained too (--train-text-encoder)
+    from safetensors.torch import load_file
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.training.trainer import Denoiser
+
+    ckpt = out / "checkpoints" / "ckpt-000020"
+    ema_state = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    start = LatentDiffusionPipeline.from_config(tiny_config, seed=0)  # the run's starting weights
+    names = [n for n, _ in Denoiser(start.unet, start.text_encoder).named_parameters()]
+    assert ema_state["num_updates"] == 20 and len(ema_state["shadow"]) == len(names)
+    ema = dict(zip(names, ema_state["shadow"]))
+    saved_pipe = LatentDiffusionPipeline.from_pretrained(out / "model", device="cpu", precision="fp32")
+    saved = dict(Denoiser(saved_pipe.unet, saved_pipe.text_encoder).named_parameters())
+    assert all(torch.equal(saved[n].float(), ema[n]) for n in names)
+    trained = {k[len("unet."):]: v for k, v in load_file(ckpt / "model.safetensors").items() if k.startswith("unet.")}
+    assert sum(not torch.equal(trained[k], v) for k, v in saved_pipe.unet.state_dict().items()) > len(trained) // 2
+    initial = dict(start.text_encoder.named_parameters())
+    moved = [n for n, p in saved_pipe.text_encoder.named_parameters() if not torch.equal(p, initial[n])]
+    assert len(moved) > len(initial) // 2
 
 
 def test_shipped_configs_parse_and_build(tmp_path):
@@ -459,6 +489,58 @@ def test_loss_falls_and_samples_move_toward_the_training_set(tiny_config, tiny_v
         return torch.cdist(z, x0).min(dim=1).values.mean().item()  # mean nearest-neighbour distance
 
     assert distance_to_training_set(trained) < 0.5 * distance_to_training_set(untrained)
+
+
+def test_v_prediction_fine_tune_learns_v(tiny_config, tiny_vae, tmp_path):
+    """60 steps of `--prediction-type v_prediction` on 8 images: the loss falls, and the model predicts the velocity
+    √ᾱ·ε − √(1−ᾱ)·x_0 (diffusers' DDPMScheduler.get_velocity) much better than before, and better than it predicts ε."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from latentdiff import text
+    from latentdiff.data import load_pixels, make_shapes, scan_captioned_images
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    data, out = tmp_path / "eight", tmp_path / "learn"
+    make_shapes(data, 8, size=32)
+    items = scan_captioned_images(data)
+    pixels = torch.stack([load_pixels(p, 32) for p, _ in items])
+    # a pretrained-like start: a near-deterministic VAE posterior (std e^-10, as SD's VAE is nearly deterministic)
+    # and a scaling factor giving unit-variance latents. The 4-step tiny VAE's posterior std is ~1: its latents
+    # are mostly noise, and v = √ᾱ·ε − √(1−ᾱ)·x_0 of pure-noise x_0 is uncorrelated with x_t, so nothing is learnable.
+    pipe = LatentDiffusionPipeline.from_config(tiny_config, seed=1)
+    pipe.vae = AutoencoderKL.from_pretrained(tiny_vae)
+    with torch.no_grad():
+        pipe.vae.quant_conv.weight[4:] = 0
+        pipe.vae.quant_conv.bias[4:] = -20.0
+        pipe.vae.register_to_config(scaling_factor=1.0 / pipe.vae.encode(pixels).latent_dist.mean.std().item())
+    pipe.save_pretrained(tmp_path / "pretrained")
+
+    assert main(["--model", str(tmp_path / "pretrained"), "--data", str(data), "--output-dir", str(out),
+                 "--resolution", "32", "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--lr", "1e-3",
+                 "--checkpoint-every", "0", "--max-steps", "60", "--lr-schedule", "constant", "--warmup-steps", "5",
+                 "--caption-dropout", "0", "--prediction-type", "v_prediction"]) == 0
+    losses = [r["loss"] for r in read_log(out)]
+    assert sum(losses[-10:]) < 0.75 * sum(losses[:10]), losses
+
+    reference = DDPMScheduler.from_config(pipe.schedule.to_diffusers())
+
+    def errors(folder) -> tuple[float, float]:
+        """(MSE to v, MSE to ε) of the model's output on the training images at t = 100, 300, …, 900."""
+        model = LatentDiffusionPipeline.from_pretrained(folder, device="cpu", precision="fp32")
+        gen, v_err, eps_err = torch.Generator().manual_seed(0), 0.0, 0.0
+        with torch.no_grad():
+            x0 = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
+            context = model.text_encoder(text.tokenize(model.tokenizer, [c for _, c in items]))[0]
+            for step in (100, 300, 500, 700, 900):
+                noise, t = torch.randn(x0.shape, generator=gen), torch.full((len(items),), step)
+                pred = model.unet(reference.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+                v_err += (pred - reference.get_velocity(x0, noise, t)).pow(2).mean().item() / 5
+                eps_err += (pred - noise).pow(2).mean().item() / 5
+        assert model.schedule.prediction_type == ("v_prediction" if folder == out / "model" else "epsilon")
+        return v_err, eps_err
+
+    (v_before, _), (v_after, eps_after) = errors(tmp_path / "pretrained"), errors(out / "model")
+    assert v_after < 0.7 * v_before and v_after < 0.85 * eps_after, (v_before, v_after, eps_after)
 
 
 @pytest.mark.parametrize("cache", ["--cache-latents", "--no-cache-latents"])

@@ -95,7 +95,8 @@ def test_accelerate_two_processes_split_the_job(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--H", "100"], "--H must be a positive multiple of 8"),
+    (["--prompt", "x", "--H", "100"], "--H must be a positive multiple of 8, got 100"),
+    (["--prompt", "x", "--W", "20"], "--W must be a positive multiple of 8, got 20"),
     (["--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
     (["--prompt", "x", "--sampler", "plms"], "unknown sampler 'plms'"),
     (["--prompt", "x", "--precision", "fp8"], "unknown precision"),

@@ -71,13 +71,15 @@ def check_args(args) -> list[str]:
             raise UsageError(f"--from-png {args.from_png} does not exist; expected a PNG written by latentdiff")
         try:
             params = read_params(args.from_png)
-        except (OSError, ValueError, SyntaxError) as e:  # not a PNG, no parameters chunk, unparsable fields
-            raise UsageError(f"--from-png {args.from_png}: {str(e).rstrip('.')}") from None
+            eta = float(params.extra.get("Eta", args.eta))
+        except (OSError, ValueError, SyntaxError) as e:  # not an image, no `parameters` chunk, or text that does not parse
+            reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise UsageError(f"cannot replay --from-png {args.from_png}: {reason.rstrip('.')}") from None
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
         args.W, args.H = params.width, params.height
         args.precision = params.extra.get("Precision", args.precision)
-        args.eta = float(params.extra.get("Eta", args.eta))
+        args.eta = eta
         args.n_samples = args.n_iter = 1
     if args.prompt is not None and args.from_file is not None:
         raise UsageError("give either a prompt or --from-file, not both")

@@ -150,7 +150,9 @@ def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_va
     from latentdiff.training.trainer import Denoiser
 
     ckpt = out / "checkpoints" / "ckpt-000020"
-    ema_state = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    from latentdiff.training.state import load_state
+
+    ema_state = load_state(ckpt, "ema")
     start = LatentDiffusionPipeline.from_config(tiny_config, seed=0)  # the run's starting weights
     names = [n for n, _ in Denoiser(start.unet, start.text_encoder).named_parameters()]
     assert ema_state["num_updates"] == 20 and len(ema_state["shadow"]) == len(names)

@@ -220,5 +220,5 @@ def test_schedule_config_round_trip_and_validation():
     assert ScheduleConfig.from_diffusers(DDIMScheduler.from_config(v.to_diffusers()).config) == v
     with pytest.raises(ValueError, match="beta_schedule 'cosine' is not supported"):
         ScheduleConfig.from_diffusers({**sd, "beta_schedule": "cosine"})
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        ScheduleConfig.from_diffusers({**sd, "rescale_betas_zero_snr": True})
+    # zero terminal SNR is honoured now (sampling checked in tests/test_noise_schedules.py)
+    assert ScheduleConfig.from_diffusers({**sd, "rescale_betas_zero_snr": True}).rescale_betas_zero_snr

@@ -1,7 +1,8 @@
 """Noise schedules and samplers; diffusers' schedulers are the test oracle, never a runtime dependency.
 
 The registry below is the one place that knows each sampler: its name (ComfyUI's, used by the API, the CLI and
-the PNG metadata), its class, its AUTOMATIC1111 display name and the options its constructor takes.
+the PNG metadata), its class, its AUTOMATIC1111 display name, the options its constructor takes and the noise
+schedules (ComfyUI's "scheduler" names, `SCHEDULERS`) it runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .ddpm import DDPMSampler
 from .dpmpp_2m import DPMSolverPP2MSampler
 from .euler import EulerSampler
 from .euler_ancestral import EulerAncestralSampler
-from .schedules import ScheduleConfig
+from .schedules import SCHEDULERS, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -24,14 +25,20 @@ class SamplerSpec:
     a1111: str  # the name A1111 writes in a PNG's "Sampler:" field
     stochastic: bool  # draws fresh noise every step (its image depends on the per-image generators)
     options: dict  # constructor options and their defaults, e.g. DDIM's {"eta": 0.0}
+    schedulers: tuple[str, ...] = ("normal",)  # the noise schedules it runs (a subset of SCHEDULERS)
+
+
+def _spec(name: str, cls: type[Sampler], a1111: str, *, stochastic: bool, options: dict) -> SamplerSpec:
+    # σ-space samplers run every schedule; DDIM/DDPM only those that land on training timesteps
+    return SamplerSpec(name, cls, a1111, stochastic, options, schedules.supported(cls.family))
 
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
-    SamplerSpec("ddim", DDIMSampler, "DDIM", stochastic=False, options={"eta": 0.0}),
-    SamplerSpec("ddpm", DDPMSampler, "DDPM", stochastic=True, options={}),
-    SamplerSpec("dpmpp_2m", DPMSolverPP2MSampler, "DPM++ 2M", stochastic=False, options={}),
-    SamplerSpec("euler", EulerSampler, "Euler", stochastic=False, options={}),
-    SamplerSpec("euler_ancestral", EulerAncestralSampler, "Euler a", stochastic=True, options={}),
+    _spec("ddim", DDIMSampler, "DDIM", stochastic=False, options={"eta": 0.0}),
+    _spec("ddpm", DDPMSampler, "DDPM", stochastic=True, options={}),
+    _spec("dpmpp_2m", DPMSolverPP2MSampler, "DPM++ 2M", stochastic=False, options={}),
+    _spec("euler", EulerSampler, "Euler", stochastic=False, options={}),
+    _spec("euler_ancestral", EulerAncestralSampler, "Euler a", stochastic=True, options={}),
 )}
 
 
@@ -41,14 +48,32 @@ def check_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-def get_sampler(name: str, config: ScheduleConfig, **options) -> Sampler:
-    """Build a sampler by name. Options it does not take are refused unless they hold the neutral value
-    (e.g. eta=0 for a sampler without eta), so one call site serves every sampler."""
+def check_scheduler(sampler: str, scheduler: str | None, config: ScheduleConfig | None = None) -> str:
+    """The noise schedule `sampler` will run: `scheduler` if the sampler supports it (else one sentence naming
+    both), or with None the model's default (`config.default_scheduler`), falling back to "normal" for a sampler
+    that cannot run it (as diffusers' DDIM/DDPM ignore use_karras_sigmas)."""
+    spec = check_sampler(sampler)
+    if scheduler is None:
+        default = config.default_scheduler if config is not None else "normal"
+        return default if default in spec.schedulers else "normal"
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULERS)}")
+    if scheduler not in spec.schedulers:
+        raise ValueError(f"sampler {sampler!r} does not support the {scheduler!r} scheduler; "
+                         f"it supports: {', '.join(spec.schedulers)}")
+    return scheduler
+
+
+def get_sampler(name: str, config: ScheduleConfig, scheduler: str | None = None, **options) -> Sampler:
+    """Build a sampler by name, on noise schedule `scheduler` (None: the model's default, see check_scheduler).
+    Options it does not take are refused unless they hold the neutral value (e.g. eta=0 for a sampler without
+    eta), so one call site serves every sampler."""
     spec = check_sampler(name)
+    scheduler = check_scheduler(name, scheduler, config)
     for key, value in options.items():
         if key not in spec.options and value:
             raise ValueError(f"sampler {name!r} takes no {key} (got {value!r}); only {', '.join(spec.options) or 'no options'}")
-    return spec.cls(config, **{k: v for k, v in options.items() if k in spec.options})
+    return spec.cls(config, scheduler=scheduler, **{k: v for k, v in options.items() if k in spec.options})
 
 
 def from_a1111(name: str) -> str:
@@ -57,5 +82,5 @@ def from_a1111(name: str) -> str:
     return by_display.get(name.lower(), name)
 
 
-__all__ = ["SAMPLERS", "Sampler", "SamplerSpec", "ScheduleConfig", "check_sampler", "from_a1111", "get_sampler",
-           "randn", "schedules"]
+__all__ = ["SAMPLERS", "SCHEDULERS", "Sampler", "SamplerSpec", "ScheduleConfig", "check_sampler", "check_scheduler",
+           "from_a1111", "get_sampler", "randn", "schedules"]

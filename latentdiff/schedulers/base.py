@@ -30,36 +30,45 @@ def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
 class Sampler:
     """Discrete-time sampler with diffusers' contract: set_timesteps, scale_model_input, step, add_noise.
 
-    Per-step scalars are precomputed on the host in `set_timesteps` (`_prepare`) and indexed by a step counter,
-    so `step` never synchronises with the device.
+    `scheduler` names the noise schedule (schedules.SCHEDULERS) and `family` the diffusers conventions the sampler
+    follows (schedules.FAMILIES); `schedules.plan` turns both into timesteps and σ. Per-step scalars are
+    precomputed on the host in `set_timesteps` (`_prepare`) and indexed by a step counter, so `step` never
+    synchronises with the device.
     """
 
+    family = "discrete"
     init_noise_sigma = 1.0
 
-    def __init__(self, config: ScheduleConfig):
+    def __init__(self, config: ScheduleConfig, scheduler: str = "normal"):
+        if scheduler not in schedules.supported(self.family):
+            raise ValueError(f"{type(self).__name__} does not run the {scheduler!r} noise schedule; expected one of: "
+                             f"{', '.join(schedules.supported(self.family))}.")
         self.config = config
-        self.alphas_cumprod = schedules.alphas_cumprod(config)  # (T,) float32, CPU
+        self.scheduler = scheduler
+        self.alphas_cumprod = schedules.alphas_cumprod(config, sigma_space=self.family != "discrete")  # (T,) float32, CPU
         self.timesteps = None
+        self.sigmas = None
         self._timestep_list = []
         self._step_index = None
 
     def set_timesteps(self, num_inference_steps: int, device=None):
-        timesteps = self._make_timesteps(num_inference_steps)
-        self.timesteps = timesteps.to(device)
-        self._timestep_list = timesteps.tolist()
+        schedule = schedules.plan(self.config, num_inference_steps, self.scheduler, self.family)
+        self.timesteps = schedule.timesteps.to(device)
+        self.sigmas = schedule.sigmas  # (n + 1,) float32, CPU
+        self._timestep_list = schedule.timesteps.tolist()
         self._step_index = None
-        self._prepare(timesteps)
-
-    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return schedules.timesteps(self.config, num_inference_steps)
+        self._prepare(schedule.timesteps, schedule.sigmas)
 
     @property
     def max_steps(self) -> int:
         """The most inference steps this sampler can run on its schedule."""
-        return schedules.max_inference_steps(self.config)
+        return schedules.max_steps(self.config, self.scheduler, self.family)
 
-    def _prepare(self, timesteps: torch.Tensor):
-        """Precompute the per-step scalars of the algorithm and reset any multistep state."""
+    def _prepare(self, timesteps: torch.Tensor, sigmas: torch.Tensor):
+        """Precompute the per-step scalars of the algorithm and reset any multistep state.
+
+        `timesteps` (n,) are what the UNet sees; `sigmas` (n + 1,) float32 are the steps' noise levels, then 0.
+        """
         raise NotImplementedError
 
     def _step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator) -> torch.Tensor:
@@ -76,14 +85,16 @@ class Sampler:
 
     def _index(self, t) -> int:
         # Without set_begin_index, found from t on the first step only (one host sync per loop, as diffusers'
-        # _init_step_index), so a loop may start mid-schedule (img2img); later steps just count.
+        # _init_step_index), so a loop may start mid-schedule (img2img); later steps just count. Of repeated
+        # timesteps (rounded σ schedules) the second is taken, as diffusers' index_for_timestep.
         if self._step_index is None:
             if self.timesteps is None:
                 raise RuntimeError("call set_timesteps() before sampling.")
-            t = int(t)
-            if t not in self._timestep_list:
+            t = float(t) if self.timesteps.is_floating_point() else int(t)
+            found = [i for i, s in enumerate(self._timestep_list) if s == t]
+            if not found:
                 raise ValueError(f"timestep {t} is not in this sampler's schedule {self._timestep_list}.")
-            self._step_index = self._timestep_list.index(t)
+            self._step_index = found[1] if len(found) > 1 else found[0]
         return self._step_index
 
     def scale_model_input(self, sample: torch.Tensor, t) -> torch.Tensor:
@@ -105,6 +116,26 @@ class Sampler:
 
     def _noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         return randn(like.shape, generator, like.device, torch.float32)
+
+    def _sigma_at(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """σ per batch element, shaped (B, 1, …) like `like`, float32 on its device, without reading t back: the
+        schedule's σ where t is one of this run's timesteps (the second of repeats, as diffusers' add_noise),
+        else the training σ_t (linear between training steps)."""
+        device = like.device
+        t = t.to(device).reshape(-1)
+        table = schedules.sigma_table(self.alphas_cumprod).double().to(device)
+        tf = t.double()
+        lo = tf.floor().long().clamp(0, len(table) - 1)
+        hi = (lo + 1).clamp(max=len(table) - 1)
+        sigma = (table[hi] - table[lo]) * (tf - lo) + table[lo]
+        if self.timesteps is not None:
+            match = self.timesteps.to(device).double()[None, :] == tf[:, None]  # (B, n)
+            count = match.sum(1, keepdim=True)
+            want = torch.where(count > 1, 2, 1)
+            pick = (match & (match.long().cumsum(1) == want)).long().argmax(1)
+            scheduled = self.sigmas.to(device).double()[pick]
+            sigma = torch.where(count[:, 0] > 0, scheduled, sigma)
+        return sigma.float().view((-1,) + (1,) * (like.ndim - 1))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t at training timesteps t in this sampler's own parameterisation (variance preserving here)."""

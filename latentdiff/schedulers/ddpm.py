@@ -8,7 +8,7 @@ from .base import Sampler
 class DDPMSampler(Sampler):
     """Ancestral sampling from the posterior q(x_{t'} | x_t, x̂_0), Ho et al. 2020 eqs. 6–7, "fixed_small" variance."""
 
-    def _prepare(self, timesteps: torch.Tensor):
+    def _prepare(self, timesteps: torch.Tensor, sigmas: torch.Tensor):
         # With a stride, t' is the next inference timestep and β_t becomes 1 − ᾱ_t/ᾱ_{t'} (as diffusers).
         a_t = self.alphas_cumprod[timesteps].double()
         a_prev = torch.cat([a_t[1:], a_t.new_ones(1)])  # ᾱ = 1 after the last step: x_0 itself

@@ -2,28 +2,20 @@
 
 import torch
 
-from . import schedules
 from .base import Sampler
 
 
 class DPMSolverPP2MSampler(Sampler):
-    """Lu et al. 2022 Alg. 2 (multistep, data prediction, midpoint), first order on the first and the last step."""
+    """Lu et al. 2022 Alg. 2 (multistep, data prediction, midpoint), first order on the first and the last step.
 
-    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        if self.config.timestep_spacing == "leading":
-            if not 1 <= num_inference_steps <= self.max_steps:  # n + 1 intervals must fit; say so in n's terms
-                raise ValueError(f"num_inference_steps must be an integer between 1 and {self.max_steps} for this "
-                                 f"sampler and schedule, got {num_inference_steps!r}.")
-            # diffusers' DPM-Solver leads over n + 1 intervals and drops the one ending near t = 0
-            return schedules.timesteps(self.config, num_inference_steps + 1)[:-1]
-        return schedules.timesteps(self.config, num_inference_steps)
+    Follows diffusers' DPMSolverMultistepScheduler: σ schedules span the whole training range and the UNet sees
+    their rounded timesteps (int64), while the solver steps between the exact σ.
+    """
 
-    @property
-    def max_steps(self) -> int:
-        return super().max_steps - (self.config.timestep_spacing == "leading")
+    family = "dpm"
 
-    def _prepare(self, timesteps: torch.Tensor):
-        s = schedules.sigmas(self.alphas_cumprod, timesteps).double()  # Karras σ, last one 0
+    def _prepare(self, timesteps: torch.Tensor, sigmas: torch.Tensor):
+        s = sigmas.double()  # σ per step, last one 0
         alpha = (s**2 + 1).rsqrt()  # VP α_t, σ_t = σ α_t
         lam = -s.log()  # λ_t = log(α_t/σ_t); +∞ at σ = 0
         h = lam[1:] - lam[:-1]
@@ -34,6 +26,13 @@ class DPMSolverPP2MSampler(Sampler):
         self._alpha, self._sigma = alpha[:-1].tolist(), (s * alpha)[:-1].tolist()
         self._last = len(timesteps) - 1
         self._prev_x0 = None
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = α x_0 + α σ ε with α = 1/√(σ² + 1) (diffusers' DPMSolverMultistepScheduler.add_noise), σ the
+        schedule's where t is one of its timesteps (a karras σ, not that of its rounded t), else the training σ_t."""
+        sigma = self._sigma_at(t, x0)
+        alpha = (sigma**2 + 1).rsqrt()
+        return (alpha.to(x0.dtype) * x0 + (alpha * sigma).to(x0.dtype) * noise)
 
     def _step(self, model_output, sample, i, generator):
         x0, _ = self._predict(model_output, sample, self._alpha[i], self._sigma[i])

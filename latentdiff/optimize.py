@@ -59,7 +59,8 @@ def _optimize_cuda(pipe, compile: bool):
 
 
 class CUDAGraphUNet:
-    """The UNet call captured once per (batch, height, width, dtype, context length) into a CUDA graph and replayed.
+    """The UNet call captured once per (batch, height, width, dtype, timestep dtype, context length) into a CUDA graph
+    and replayed (float timesteps, as Euler's Karras schedule feeds them, must not land in an int64 buffer).
 
     Static input buffers receive each call's x_t, t and context; the output buffer is overwritten by the next replay
     (the loop consumes it first). Weights changed in place are seen by the replay; a change of layers (LoRA loaded,
@@ -96,7 +97,7 @@ class CUDAGraphUNet:
         if token != self._token:
             self._graphs.clear()
             self._token = token
-        key = (tuple(x.shape), x.dtype, tuple(context.shape), context.dtype)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(x, t, context)

@@ -103,3 +103,18 @@ def test_one_ema_step_follows_its_formula():
     with ema.swapped():
         torch.testing.assert_close(p.detach(), ema.shadow[0])
     torch.testing.assert_close(p.detach(), torch.tensor([10.0, 10.0, 10.0]))
+
+
+def test_min_snr_weight_is_finite_at_zero_terminal_snr():
+    """A zero-terminal-SNR schedule (Lin et al. 2023) has SNR = 0 at t = T−1: the ε weight min(SNR, γ)/SNR → 1 there."""
+    from latentdiff.schedulers import ScheduleConfig, schedules
+    from latentdiff.training.losses import diffusion_loss
+
+    ac = schedules.alphas_cumprod(ScheduleConfig(rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    t = torch.tensor([999, 10])
+    assert schedules.snr(t, ac)[0] == 0
+    x0, noise, pred = (torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    loss = diffusion_loss(pred, x0, noise, t, ac, "epsilon", snr_gamma=5.0)
+    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    snr = schedules.snr(t, ac)
+    torch.testing.assert_close(loss, (per_sample * torch.stack([torch.tensor(1.0), snr[1].clamp(max=5) / snr[1]])).mean())

@@ -41,6 +41,7 @@ def diffusion_loss(
         return per_sample.mean()
     snr = schedules.snr(t, alphas_cumprod).float()
     weight = snr.clamp(max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weight = torch.where(snr > 0, weight, 1.0)  # ε at zero terminal SNR: the limit of min(SNR, γ)/SNR as SNR → 0
     return (per_sample * weight.to(per_sample.device)).mean()
 
 

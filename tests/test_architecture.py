@@ -7,7 +7,8 @@ import latentdiff
 PACKAGE = Path(latentdiff.__file__).parent
 # lowest first; a module's layer is that of its longest matching name
 LAYERS = [
-    {"errors", "files", "config", "precision", "devices", "text", "guidance", "vae", "schedulers", "optimize", "pngmeta"},
+    {"errors", "files", "config", "precision", "devices", "text", "guidance", "vae", "schedulers", "optimize", "pngmeta",
+     "images"},
     {"data", "checkpoints", "adapters"},
     {"pipeline", "training", "evaluate"},
     {"commands", "cli", "__init__"},

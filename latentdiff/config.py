@@ -16,6 +16,9 @@ class GenerateConfig:
     width: int | None = None
     height: int | None = None
     precision: str = "auto"  # latentdiff.precision.PRECISIONS
+    strength: float = 0.75  # image-to-image: the share of the schedule run from the noised init image (A1111's default)
+    inpaint_strength: float = 1.0  # inpainting: the masked region starts from pure noise (diffusers' default)
+    mask_blur: float = 4.0  # inpainting: the mask's feather, a Gaussian σ in pixels (A1111's "Mask blur" default)
 
 
 DEFAULTS = GenerateConfig()

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import text
+from . import images, text
 from .config import DEFAULTS
 from .devices import default_device
 from .errors import ModelError
@@ -21,6 +21,7 @@ from .guidance import cfg_combine
 from .optimize import optimize_for_inference
 from .precision import component_dtypes
 from .schedulers import ScheduleConfig, get_sampler, randn
+from .schedulers.schedules import start_index
 from .vae import decode as decode_latents, encode as encode_pixels
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -120,7 +121,8 @@ class LatentDiffusionPipeline:
             sched = {"_class_name": "DDIMScheduler", **self.schedule.to_diffusers(), "clip_sample": False, "set_alpha_to_one": False}
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
             index = {
-                "_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
+                "_class_name": "StableDiffusionInpaintPipeline" if self.is_inpainting_model else "StableDiffusionPipeline",
+                "_diffusers_version": _diffusers_version(),
                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
@@ -166,6 +168,10 @@ class LatentDiffusionPipeline:
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         *,
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
+        mask_blur: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = DEFAULTS.steps,
@@ -180,26 +186,47 @@ class LatentDiffusionPipeline:
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
     ) -> GenerationOutput:
-        """Text to image: check → generators → encode prompts → initial latents → denoise → decode."""
+        """Text to image; with `image`, image-to-image; with `image` and `mask_image`, inpainting.
+
+        check → generators → encode prompts → initial latents (noise, or the init latents noised to `strength`) →
+        denoise (inpainting: the 9-channel UNet sees the mask, a regular one gets the kept region blended back in
+        every step) → decode (→ the original pixels pasted back outside the feathered mask).
+        """
         prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
-        height, width = self.check_size(height, width)
+        init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
+                                  height, width, strength, mask_blur)
+        height, width = self.check_size(height, width) if init is None else init.size
         check_steps_and_output(num_inference_steps, output_type)
+        start = 0 if init is None else start_index(num_inference_steps, init.strength)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (≤ 1 turns guidance off), got {guidance_scale!r}")
+        self.check_unet(inpainting=init is not None and init.mask is not None)
         scheduler = get_sampler(sampler, self.schedule, eta=eta)
         seeds, generators = make_generators(len(prompts), seed, generator)
         do_cfg = guidance_scale > 1.0
         context = self.encode_prompt(prompts, negatives if do_cfg else None)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = self.prepare_latents(len(prompts), height, width, generators, scheduler, latents)
-        def hook(i, t, x):
-            callback(i, int(t), x)
+        condition = blend = None
+        if init is None:
+            latents = self.prepare_latents(len(prompts), height, width, generators, scheduler, latents)
+        else:
+            latents, condition, blend = self.prepare_init_latents(init, generators, scheduler, start, latents)
 
-        latents = self.denoise(latents, context, scheduler, guidance_scale, generators, on_step=hook if callback else None, progress=progress)
+        def on_step(i, t, x):
+            x = blend(i, t, x) if blend else x
+            if callback:
+                callback(i, int(t), x)
+            return x
+
+        latents = self.denoise(latents, context, scheduler, guidance_scale, generators, start=start, condition=condition,
+                               on_step=on_step if blend or callback else None, progress=progress)
         check_latents(latents)
         if output_type == "latents":
             return GenerationOutput(latents, seeds)
-        return GenerationOutput(to_output(self.decode(latents), output_type), seeds)
+        pixels = self.decode(latents)
+        if init is not None and init.mask is not None:
+            pixels = images.paste_back(pixels, init.pixels.to(pixels.device), init.mask.to(pixels.device))
+        return GenerationOutput(to_output(pixels, output_type), seeds)
 
     def check_inputs(self, prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list[str], list[str]]:
         """Prompts and negative prompts, one per image."""
@@ -223,9 +250,49 @@ class LatentDiffusionPipeline:
         """(height, width) in pixels; None is the model's native size."""
         native = self.unet.config.sample_size * self.vae_scale
         height, width = native if height is None else height, native if width is None else width
-        if not (_is_int(height) and _is_int(width)) or height % 8 or width % 8 or height <= 0 or width <= 0:
+        multiple = images.SIZE_MULTIPLE
+        if not (_is_int(height) and _is_int(width)) or height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8 (in pixels), got width={width!r}, height={height!r}")
         return height, width
+
+    def check_unet(self, inpainting: bool) -> None:
+        """A regular UNet takes the latents; an inpainting one (sd-1.5-inpainting) also the mask and masked image."""
+        if self.unet.config.in_channels == self.latent_channels:
+            return
+        if not self.is_inpainting_model:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels; latentdiff runs "
+                             f"{self.latent_channels} (Stable Diffusion) or {2 * self.latent_channels + 1} (SD inpainting)")
+        if not inpainting:
+            raise ValueError("this model's UNet is an inpainting UNet (9 input channels: latents, mask, masked image); "
+                             "pass image= and mask_image=")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """The sd-1.5-inpainting layout: the UNet's input is [latents; mask; masked-image latents]."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def prepare_image(self, image, mask_image, n_prompts: int, per_prompt: int, height, width, strength, mask_blur):
+        """Init images (and feathered masks), one per generated image, at (height, width): by default the first
+        image's size rounded down to multiples of 8. None without `image` (text to image)."""
+        if image is None:
+            for name, value in (("mask_image", mask_image), ("strength", strength), ("mask_blur", mask_blur)):
+                if value is not None:
+                    raise ValueError(f"{name} needs an init image; pass image= as well")
+            return None
+        if mask_image is None and mask_blur is not None:
+            raise ValueError("mask_blur feathers an inpainting mask; pass mask_image= as well")
+        h, w = (images.rounded_size(v) for v in images.size_of(images.per_prompt(image, n_prompts, "image")[0]))
+        height, width = self.check_size(h if height is None else height, w if width is None else width)
+        if strength is None:
+            strength = DEFAULTS.strength if mask_image is None else DEFAULTS.inpaint_strength
+        blur = images.check_mask_blur(DEFAULTS.mask_blur if mask_blur is None else mask_blur)
+        pixels, mask = images.load(image, mask_image, n_prompts, (height, width), blur)
+        repeat = lambda x: None if x is None else x.repeat_interleave(per_prompt, dim=0)  # noqa: E731
+        return images.InitImages(repeat(pixels), repeat(mask), strength)
 
     def estimate_step_bytes(self, batch: int, height: int, width: int, guidance: bool) -> int:
         """A rough peak of the UNet's activations in one denoising step: the skip connections it keeps (every
@@ -243,18 +310,53 @@ class LatentDiffusionPipeline:
 
     def prepare_latents(self, n: int, height: int, width: int, generators, scheduler, latents=None) -> torch.Tensor:
         """x_T ~ N(0, σ_max² I): standard noise drawn on the CPU per image (or the given `latents`), scaled."""
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (n, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is None:
             latents = randn(shape, generators, torch.device("cpu"), torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return (latents.float() * scheduler.init_noise_sigma).to(self.device)
 
+    def prepare_init_latents(self, init: images.InitImages, generators, scheduler, start: int, noise=None):
+        """Image-to-image and inpainting start at timesteps[start] from the init latents noised with the sampler's
+        own add_noise (inpainting at strength 1: from pure noise, as text to image).
+
+        Each image's generator draws in diffusers' order: the init image's posterior sample (when it is used), the
+        noise (or the given standard-normal `noise`), then the masked image's posterior sample (9-channel UNet).
+        Returns (latents, condition: the 9-channel UNet's extra input or None, blend: the per-step hook or None).
+        """
+        n, (h, w) = len(init.pixels), (s // self.vae_scale for s in init.size)
+        inpaint = init.mask is not None
+        pure_noise = inpaint and init.strength == 1.0
+        blend_in = inpaint and not self.is_inpainting_model
+        image_latents = self.encode(init.pixels * 2 - 1, generators) if blend_in or not pure_noise else None
+        shape = (n, self.latent_channels, h, w)
+        if noise is None:
+            noise = randn(shape, generators, torch.device("cpu"), torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"latents (the initial noise) must have shape {shape}, got {tuple(noise.shape)}")
+        noise = noise.float().to(self.device)
+        if pure_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents.to(self.device), noise, scheduler.timesteps[start:start + 1].repeat(n))
+        if not inpaint:
+            return latents, None, None
+        mask = images.latent_mask(init.mask, h, w).to(self.device)
+        if blend_in:
+            # diffusers encodes the masked image here for a regular UNet too and discards it: the same draw keeps
+            # every later one (a stochastic sampler's) equal to diffusers'
+            randn(shape, generators, torch.device("cpu"), torch.float32)
+            return latents, None, images.keep_outside(mask, image_latents.to(self.device), noise, scheduler)
+        masked = self.encode(images.masked_pixels(init.pixels, init.mask), generators).to(self.device)
+        return latents, torch.cat([mask, masked], dim=1), None
+
     def denoise(self, latents, context, scheduler, guidance_scale: float, generators, *, start: int = 0,
-                on_step: Callable | None = None, progress: bool = False) -> torch.Tensor:
+                condition: torch.Tensor | None = None, on_step: Callable | None = None, progress: bool = False) -> torch.Tensor:
         """The sampling loop over scheduler.timesteps[start:]; float32 latents in and out.
 
-        With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `on_step(i, t, latents)`
+        With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `condition` is joined to the
+        UNet's input channels (a 9-channel inpainting UNet's mask and masked-image latents). `on_step(i, t, latents)`
         runs after every step; a tensor it returns replaces the latents (a hook can blend in what must be kept).
         Nothing in the loop reads a device value back to the host (no sync per step): `check_latents` after it.
         """
@@ -264,6 +366,7 @@ class LatentDiffusionPipeline:
         scheduler.set_begin_index(start)  # the step count is known: no read-back of t from the device
         for i, t in enumerate(tqdm(scheduler.timesteps[start:], disable=not progress, desc="sampling", leave=False), start):
             x_in = scheduler.scale_model_input(latents, t)
+            x_in = x_in if condition is None else torch.cat([x_in, condition], dim=1)
             x_in = torch.cat([x_in, x_in]) if do_cfg else x_in
             eps = self.denoiser(x_in.to(self.dtype), t, context).float()
             if do_cfg:
@@ -278,8 +381,9 @@ class LatentDiffusionPipeline:
         """Scaled latents → images (B, 3, H, W) in [0, 1], float32."""
         return decode_latents(self.vae, latents)
 
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator`."""
+    def encode(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator` (or with one
+        generator per image, from a list)."""
         return encode_pixels(self.vae, pixels, generator)
 
 

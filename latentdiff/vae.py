@@ -11,6 +11,7 @@ import logging
 import torch
 
 from .errors import ModelError
+from .schedulers import randn
 
 logger = logging.getLogger(__name__)
 
@@ -20,24 +21,24 @@ def posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
 
 
-def sample_posterior(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_posterior(params: torch.Tensor, generator=None) -> torch.Tensor:
     """Unscaled z = mean + std·noise; noise is drawn where the generator lives (the CPU for device-independent runs).
 
-    The log-variance clamp matches diffusers' DiagonalGaussianDistribution.
+    `generator`: one for the batch, or a list with one per image (image i's noise from generator i alone, as
+    diffusers' retrieve_latents draws it image by image). The log-variance clamp matches diffusers'
+    DiagonalGaussianDistribution.
     """
     mean, logvar = params.chunk(2, dim=-3)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise_device = generator.device if generator is not None else params.device
-    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=params.dtype).to(params.device)
-    return mean + std * noise
+    return mean + std * randn(mean.shape, generator, params.device, params.dtype)
 
 
-def to_latents(vae, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def to_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
     """Scaled latents z·s from posterior parameters: what the UNet is trained on and samples."""
     return sample_posterior(params, generator) * vae.config.scaling_factor
 
 
-def encode(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode(vae, pixels: torch.Tensor, generator=None) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] → scaled latents (B, C, h, w), float32."""
     return to_latents(vae, posterior(vae, pixels), generator)
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 
-def tiny_components(seed: int = 0, *, cross_dim: int = 32, sample_size: int = 8):
-    """UNet/VAE/CLIP text encoder with the real SD classes and layout, a few hundred thousand parameters each."""
+def tiny_components(seed: int = 0, *, cross_dim: int = 32, sample_size: int = 8, in_channels: int = 4):
+    """UNet/VAE/CLIP text encoder with the real SD classes and layout, a few hundred thousand parameters each.
+
+    in_channels=9: the UNet of the sd-1.5-inpainting layout (latents + mask + masked-image latents)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -19,7 +21,7 @@ def tiny_components(seed: int = 0, *, cross_dim: int = 32, sample_size: int = 8)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=sample_size, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=32,
     )
@@ -43,5 +45,17 @@ def tiny_model_dir(tmp_path_factory):
 
     unet, vae, text_encoder, tokenizer = tiny_components()
     folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    LatentDiffusionPipeline(unet, vae, text_encoder, tokenizer, ScheduleConfig()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model_dir(tmp_path_factory):
+    """The same, with a 9-channel inpainting UNet (random weights)."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.schedulers import ScheduleConfig
+
+    unet, vae, text_encoder, tokenizer = tiny_components(in_channels=9)
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd-inpainting"
     LatentDiffusionPipeline(unet, vae, text_encoder, tokenizer, ScheduleConfig()).save_pretrained(folder)
     return folder

@@ -77,9 +77,20 @@ def _schedule(scheduler_config: dict, unet_config: dict, layout: str, prediction
     return dataclasses.replace(schedule, prediction_type=prediction_type) if prediction_type else schedule
 
 
+def _unet_in_channels(state_dict, unet_config: dict) -> int:
+    """The UNet's input channels from its first convolution's weight: 4 for SD, 9 for the inpainting layout
+    (latents + mask + masked-image latents), whatever the config that came with the file says."""
+    weight = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 4 else unet_config.get("in_channels", 4)
+
+
 def _version(layout: str, unet_config: dict) -> str:
+    """"sd1"/"sd2", "sd1-inpainting"/"sd2-inpainting" (a 9-channel UNet), else "custom"."""
     shipped = _read_json(SHIPPED_CONFIGS / layout, "unet")
-    return layout if all(unet_config.get(k) == shipped.get(k) for k in _ARCHITECTURE) else "custom"
+    if not all(unet_config.get(k) == shipped.get(k) for k in _ARCHITECTURE if k != "in_channels"):
+        return "custom"
+    channels = unet_config.get("in_channels")
+    return layout if channels == shipped["in_channels"] else f"{layout}-inpainting" if channels == 9 else "custom"
 
 
 def _tokenizer(config_dir, layout: str):
@@ -95,7 +106,8 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
-    when the UNet has the standard SD 1.x/2.x architecture, else "custom". Weights load in
+    when the UNet has the standard SD 1.x/2.x architecture, "sd1-inpainting"/"sd2-inpainting" for its 9-channel
+    inpainting variant (detected from the first convolution's weight), else "custom". Weights load in
     the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -105,6 +117,7 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     state_dict = read_state_dict(path)
     layout = _detect_layout(path, state_dict)
     configs = _component_configs(path, layout, config_dir)
+    configs["unet"] = {**configs["unet"], "in_channels": _unet_in_channels(state_dict, configs["unet"])}
     dtypes = component_dtypes(precision, device, vae_force_upcast=configs["vae"].get("force_upcast", True))
 
     # 2. empty models from the configs

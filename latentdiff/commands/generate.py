@@ -1,9 +1,11 @@
-"""Batch text-to-image: the job behind `scripts/txt2img.py` and `latentdiff generate`.
+"""Batch generation: the job behind `scripts/txt2img.py` and `latentdiff generate`.
 
-Image k of a job (prompts × n_iter × n_samples, in that order) gets seed `base seed + k` and the file
-`OUTDIR/samples/{first + k:05d}.png`, where the job's range starts at `first` (commands/outdir.py: the folder's
-manifest of jobs). So a rerun after a kill makes exactly the missing images of that job, a different job continues
-the numbering, and `accelerate launch --num_processes N` splits the images round-robin with none made twice.
+A job's inputs are its prompts, paired in order with its init images and masks when there are any (image-to-image,
+inpainting; each list has one entry, or as many as the longest). Image k of a job (inputs × n_iter × n_samples, in
+that order) gets seed `base seed + k` and the file `OUTDIR/samples/{first + k:05d}.png`, where the job's range starts
+at `first` (commands/outdir.py: the folder's manifest of jobs). So a rerun after a kill makes exactly the missing
+images of that job, a different job continues the numbering, and `accelerate launch --num_processes N` splits the
+images round-robin with none made twice.
 """
 from __future__ import annotations
 
@@ -16,18 +18,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULTS
+from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
 from ..errors import ModelError
+from ..files import file_sha256, remove_leftovers
+from ..images import check_mask_blur, rounded_size, size_of
 from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
 from ..pngmeta import GenerationParams, read_params, save_png, write_png
 from ..precision import PRECISIONS, precision_name
-from ..files import remove_leftovers
 from ..schedulers import SAMPLERS, get_sampler
+from ..schedulers.schedules import start_index
 from .outdir import claim_range
+
+STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
 
 
 class UsageError(ValueError):
     """Bad input: reported as one sentence, exit code 2, nothing written."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An init image or mask read from disk (converted to RGB or gray by the pipeline)."""
+
+    path: Path
+    image: object  # PIL.Image.Image
+
+
+@dataclass(frozen=True)
+class Input:
+    prompt: str
+    init: Picture | None = None
+    mask: Picture | None = None
 
 
 @dataclass
@@ -35,10 +57,13 @@ class Item:
     index: int
     prompt: str
     seed: int
+    init: Picture | None = None
+    mask: Picture | None = None
 
 
 def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Generate images from text prompts with a latent diffusion model.")
+    p = argparse.ArgumentParser(prog=prog, description="Generate images from text prompts with a latent diffusion model, "
+                                "or from init images (image-to-image) and masks (inpainting).")
     if positional_prompt:
         p.add_argument("prompt", nargs="?", help="the text prompt")
     else:
@@ -56,16 +81,26 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=DEFAULTS.sampler, help=f"one of {', '.join(SAMPLERS)} (default {DEFAULTS.sampler})")
     p.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
-    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
-    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--init-image", type=Path, help="image-to-image: an image file, or a folder whose images are taken "
+                   "in name order (one prompt for all, or one prompt each)")
+    p.add_argument("--strength", type=float, default=None, help="share of the steps run from the noised init image, "
+                   f"in (0, 1] (default {DEFAULTS.strength:g}; {DEFAULTS.inpaint_strength:g} with --mask)")
+    p.add_argument("--mask", type=Path, help="inpainting: a mask file or folder (white = repaint, black = keep), one "
+                   "for every init image or one each; a mask must have its init image's size")
+    p.add_argument("--mask-blur", type=float, default=None,
+                   help=f"feather of the mask's edge in pixels, a Gaussian sigma (default {DEFAULTS.mask_blur:g})")
+    p.add_argument("--H", type=int, default=None,
+                   help="image height in pixels (default: the init image's, rounded down to a multiple of 8, else the model's native size)")
+    p.add_argument("--W", type=int, default=None,
+                   help="image width in pixels (default: the init image's, rounded down to a multiple of 8, else the model's native size)")
     p.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--skip-grid", action="store_true", help="do not write a grid of the samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def check_args(args) -> list[str]:
-    """Validate everything that can be checked before loading the model; returns the prompt list."""
+def check_args(args) -> list[Input]:
+    """Validate everything that can be checked before loading the model; returns the job's inputs."""
     if args.from_png is not None:
         if not args.from_png.is_file():
             raise UsageError(f"--from-png {args.from_png} does not exist; expected a PNG written by latentdiff")
@@ -81,6 +116,7 @@ def check_args(args) -> list[str]:
         args.precision = params.extra.get("Precision", args.precision)
         args.eta = eta
         args.n_samples = args.n_iter = 1
+        _replay_init_settings(args, params.extra)
     if args.prompt is not None and args.from_file is not None:
         raise UsageError("give either a prompt or --from-file, not both")
     if args.from_file is not None:
@@ -100,13 +136,14 @@ def check_args(args) -> list[str]:
             raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    inputs = check_init_args(args, prompts)
     if args.n_samples < 1 or args.n_iter < 1:
         raise UsageError(f"--n-samples and --n-iter must be at least 1, got {args.n_samples} and {args.n_iter}")
     if not math.isfinite(args.scale):
         raise UsageError(f"--scale must be a finite number (≤ 1 turns guidance off), got {args.scale}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be between 0 and 1, got {args.eta}")
-    last_seed = args.seed + len(prompts) * args.n_iter * args.n_samples - 1
+    last_seed = args.seed + len(inputs) * args.n_iter * args.n_samples - 1
     if args.seed < 0 or last_seed > MAX_SEED:
         raise UsageError(f"--seed must be from 0 to 2**64 - 1 for every image (seed + k), got {args.seed} (last {last_seed})")
     if args.sampler not in SAMPLERS:
@@ -126,12 +163,101 @@ def check_args(args) -> list[str]:
         raise UsageError(f"output directory {args.outdir} cannot be made: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {args.outdir} is not writable")
-    return prompts
+    return inputs
 
 
-def plan(prompts: list[str], n_iter: int, n_samples: int, seed: int) -> list[Item]:
-    per_prompt = n_iter * n_samples
-    return [Item(k, prompts[k // per_prompt], seed + k) for k in range(len(prompts) * per_prompt)]
+def _replay_init_settings(args, extra: dict) -> None:
+    """--from-png of an image-to-image or inpainting PNG: its strength and mask blur; the init image and mask
+    are not in the PNG, so they must be given again."""
+    if STRENGTH not in extra or "Hires upscale" in extra:  # A1111's hires fix also writes a denoising strength
+        return
+    try:
+        args.strength = float(extra[STRENGTH])
+        args.mask_blur = float(extra[MASK_BLUR]) if MASK_BLUR in extra else None
+    except ValueError:
+        raise UsageError(f"--from-png {args.from_png}: unreadable {STRENGTH} or {MASK_BLUR} in its parameters") from None
+    needs = "--init-image and --mask" if MASK_BLUR in extra else "--init-image"
+    if args.init_image is None or (MASK_BLUR in extra and args.mask is None):
+        raise UsageError(f"--from-png {args.from_png} was made from an init image ({STRENGTH} {args.strength:g}); "
+                         f"pass the same {needs} to replay it")
+
+
+def check_init_args(args, prompts: list[str]) -> list[Input]:
+    """The job's inputs: prompts paired with init images and masks (each list: one entry, or as many as the
+    longest); with an init image, strength and mask blur resolved and the size defaulting to the first image's."""
+    given = {"--strength": args.strength, "--mask": args.mask, "--mask-blur": args.mask_blur}
+    if args.init_image is None:
+        for flag, value in given.items():
+            if value is not None:
+                raise UsageError(f"{flag} needs --init-image (image-to-image and inpainting start from a picture)")
+        return [Input(p) for p in prompts]
+    if args.mask is None and args.mask_blur is not None:
+        raise UsageError("--mask-blur feathers an inpainting mask; pass --mask as well")
+    if args.strength is None:
+        args.strength = DEFAULTS.strength if args.mask is None else DEFAULTS.inpaint_strength
+    try:
+        start_index(args.steps, args.strength)
+        if args.mask is not None:
+            args.mask_blur = check_mask_blur(DEFAULTS.mask_blur if args.mask_blur is None else args.mask_blur)
+    except ValueError as e:
+        raise UsageError(str(e).replace("num_inference_steps", "--steps").replace("strength", "--strength")
+                         .replace("mask_blur", "--mask-blur")) from None
+    inits = read_pictures(args.init_image, "--init-image")
+    masks = read_pictures(args.mask, "--mask") if args.mask is not None else [None]
+    n = max(len(prompts), len(inits), len(masks))
+    if any(len(x) not in (1, n) for x in (prompts, inits, masks)):
+        raise UsageError(f"got {len(prompts)} prompts, {len(inits)} init images and {len(masks) if args.mask else 0} "
+                         "masks; give one of each, or as many as the longest list")
+    inputs = [Input(*(x[k] if len(x) > 1 else x[0] for x in (prompts, inits, masks))) for k in range(n)]
+    for it in inputs:
+        if it.mask is not None and size_of(it.mask.image) != size_of(it.init.image):
+            (mh, mw), (ih, iw) = size_of(it.mask.image), size_of(it.init.image)
+            raise UsageError(f"mask {it.mask.path} is {mw}x{mh} but init image {it.init.path} is {iw}x{ih}; "
+                             "a mask must have its init image's size")
+    height, width = size_of(inits[0].image)
+    args.H = rounded_size(height) if args.H is None else args.H
+    args.W = rounded_size(width) if args.W is None else args.W
+    return inputs
+
+
+def note_conversions(inputs: list[Input]) -> None:
+    """Init images that are not RGB are converted (by the pipeline); say so once per file, after every check."""
+    modes = {it.init.path: it.init.image.mode for it in inputs if it.init is not None and it.init.image.mode != "RGB"}
+    for path, mode in modes.items():
+        print(f"note: init image {path} is {mode}, converted to RGB", file=sys.stderr)
+
+
+def read_pictures(path: Path, flag: str) -> list[Picture]:
+    """A file, or a folder's images in name order, each read whole (a truncated file is found here)."""
+    from PIL import Image
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise UsageError(f"{flag} folder {path} has no images ({'/'.join(IMAGE_EXTENSIONS)})")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UsageError(f"{flag} {path} does not exist; expected an image file or a folder of images")
+    pictures = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+                pictures.append(Picture(file, image.copy()))
+        except UNREADABLE as e:
+            first_line = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise UsageError(f"cannot read {flag} {file}: {first_line}") from None
+    return pictures
+
+
+def plan(inputs: list[Input], n_iter: int, n_samples: int, seed: int) -> list[Item]:
+    per_input = n_iter * n_samples
+    items = []
+    for k in range(len(inputs) * per_input):
+        it = inputs[k // per_input]
+        items.append(Item(k, it.prompt, seed + k, it.init, it.mask))
+    return items
 
 
 def load(args):
@@ -149,9 +275,10 @@ def check_against_model(args, pipe) -> tuple[int, int]:
     try:
         height, width = pipe.check_size(args.H, args.W)
         get_sampler(args.sampler, pipe.schedule, eta=args.eta).set_timesteps(args.steps)
+        pipe.check_unet(inpainting=args.mask is not None)
     except ValueError as e:
         raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")
-                         .rstrip(".")) from None
+                         .replace("image= and mask_image=", "--init-image and --mask").rstrip(".")) from None
     need = pipe.estimate_step_bytes(args.n_samples, height, width, guidance=args.scale > 1)
     free = free_memory(pipe.device)
     if need > free:
@@ -170,16 +297,31 @@ def free_memory(device) -> int:
     return psutil.virtual_memory().available
 
 
-def job_spec(args, prompts: list[str], pipe, width: int, height: int) -> dict:
+def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     """Everything that decides which images a job makes (not how fast: batch size and processes are left out
-    only where they change nothing, so n_samples stays: it orders the job)."""
-    return {"prompts": prompts, "negative_prompt": args.negative_prompt, "n_iter": args.n_iter,
+    only where they change nothing, so n_samples stays: it orders the job). Init images and masks count by path
+    and content; a text-to-image job's spec has no such keys (so its id is what it always was)."""
+    spec = {"prompts": [it.prompt for it in inputs], "negative_prompt": args.negative_prompt, "n_iter": args.n_iter,
             "n_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "scale": args.scale,
             "sampler": args.sampler, "eta": args.eta, "width": width, "height": height,
             "precision": precision_name(pipe.dtype), "model": str(Path(args.model).resolve()) if args.model else "default"}
+    for key, pictures in (("init_images", [it.init for it in inputs]), ("masks", [it.mask for it in inputs])):
+        if pictures[0] is not None:
+            spec[key] = [{"path": str(p.path.resolve()), "sha256": file_sha256(p.path)} for p in pictures]
+    if args.init_image is not None:
+        spec["strength"] = args.strength
+    if args.mask is not None:
+        spec["mask_blur"] = args.mask_blur
+    return spec
 
 
-def run(args, prompts: list[str]) -> int:
+def init_params(args) -> dict[str, str]:
+    """The PNG fields of image-to-image and inpainting, as A1111 writes them."""
+    fields = {STRENGTH: f"{args.strength:g}"} if args.init_image is not None else {}
+    return fields | ({MASK_BLUR: f"{args.mask_blur:g}"} if args.mask is not None else {})
+
+
+def run(args, inputs: list[Input]) -> int:
     from tqdm.auto import tqdm
 
     state = process_state()
@@ -187,24 +329,28 @@ def run(args, prompts: list[str]) -> int:
     pipe = load(args)
     load_s = time.perf_counter() - t0
     height, width = check_against_model(args, pipe)
-    items = plan(prompts, args.n_iter, args.n_samples, args.seed)
+    note_conversions(inputs)
+    items = plan(inputs, args.n_iter, args.n_samples, args.seed)
 
     # which files are this job's: its range in the folder's manifest (another job's files are never touched)
     samples = args.outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     remove_leftovers(samples)
-    first = claim_range(args.outdir, job_spec(args, prompts, pipe, width, height), len(items))
+    first = claim_range(args.outdir, job_spec(args, inputs, pipe, width, height), len(items))
     path = {it.index: samples / f"{first + it.index:05d}.png" for it in items}
     mine = [it for it in items[state.process_index :: state.num_processes] if not path[it.index].exists()]
 
-    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {})}
+    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {}), **init_params(args)}
     made, t1 = 0, time.perf_counter()
     bar = tqdm(total=len(mine), disable=args.no_progress or not mine, desc=f"images[{state.process_index}]", unit="img")
     for b in range(0, len(mine), args.n_samples):
         batch = mine[b : b + args.n_samples]
+        init = {} if args.init_image is None else {"image": [it.init.image for it in batch], "strength": args.strength}
+        if args.mask is not None:
+            init |= {"mask_image": [it.mask.image for it in batch], "mask_blur": args.mask_blur}
         out = pipe([it.prompt for it in batch], args.negative_prompt, height=height, width=width,
                    num_inference_steps=args.steps, guidance_scale=args.scale, seed=[it.seed for it in batch],
-                   sampler=args.sampler, eta=args.eta, progress=False)
+                   sampler=args.sampler, eta=args.eta, progress=False, **init)
         for it, image in zip(batch, out.images):
             params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
                                       width, height, pipe.name, pipe.model_hash, extra)
@@ -251,8 +397,8 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
 def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_prompt: bool = False) -> int:
     args = build_parser(prog, positional_prompt).parse_args(None if argv is None else [str(a) for a in argv])
     try:
-        prompts = check_args(args)
-        return run(args, prompts)
+        inputs = check_args(args)
+        return run(args, inputs)
     except (UsageError, ModelError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

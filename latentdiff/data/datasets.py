@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -141,16 +143,6 @@ def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator |
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
     return pixels.float() / 127.5 - 1.0
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, 8 bits a channel. PIL's own convert() clips 16- and 32-bit grayscale (I;16, I) at 255 instead of
-    scaling it (a full-range gradient would come out 99 % white), so those are scaled to 0–255 first."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        top = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255.0
-        gray = np.clip(np.asarray(image, dtype=np.float64) / top * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    return image.convert("RGB")
 
 
 # What PIL raises for a corrupt, truncated or vanished file.

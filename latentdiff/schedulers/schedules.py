@@ -209,6 +209,23 @@ def max_inference_steps(config: ScheduleConfig) -> int:
     return int(fits.cumprod(0).sum())
 
 
+def check_strength(strength) -> None:
+    """Image-to-image strength: the share of the schedule that is run, in (0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (the share of the steps that is run), got {strength!r}")
+
+
+def start_index(num_inference_steps: int, strength: float) -> int:
+    """Where image-to-image starts in the timesteps: int(steps·strength) steps run, the last ones of the schedule
+    (diffusers' get_timesteps; A1111 runs one more, int(min(strength, 0.999)·steps) + 1)."""
+    check_strength(strength)
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    if run < 1:
+        raise ValueError(f"strength {strength:g} runs int({num_inference_steps} × {strength:g}) = 0 of the "
+                         f"{num_inference_steps} steps; raise strength or num_inference_steps")
+    return num_inference_steps - run
+
+
 def sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Karras et al. 2022 noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) at the timesteps, plus a final σ = 0."""
     sigma = sigma_table(alphas_cumprod)

@@ -1,0 +1,34 @@
+"""Classifier-free guidance, both halves: the sampling-time combination and the training-time caption dropout."""
+import torch
+
+from latentdiff.guidance import cfg_combine, drop_captions
+
+
+def test_cfg_combine_is_uncond_plus_scale_times_difference():
+    # ε̂ = ε_u + s·(ε_c − ε_u) (Ho & Salimans 2022, eq. 6 with w = s − 1)
+    eps_u, eps_c = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, 0.5])
+    torch.testing.assert_close(cfg_combine(eps_u, eps_c, 7.5), torch.tensor([16.0, 20.5, 0.5]), atol=0, rtol=0)
+    torch.testing.assert_close(cfg_combine(eps_u, eps_c, 1.0), eps_c, atol=0, rtol=0)  # s = 1: the conditional alone
+    torch.testing.assert_close(cfg_combine(eps_u, eps_c, 0.0), eps_u, atol=0, rtol=0)
+
+
+def test_drop_captions_draws_one_uniform_per_caption_and_keeps_those_at_or_above_the_rate():
+    texts = [f"caption {i}" for i in range(64)]
+    u = torch.rand(64, generator=torch.Generator().manual_seed(3))  # what drop_captions draws from the same generator
+    out = drop_captions(texts, 0.3, torch.Generator().manual_seed(3))
+    assert out == [t if x >= 0.3 else "" for t, x in zip(texts, u.tolist())]
+    assert 0 < out.count("") < 64
+    # the boundary: a caption whose draw equals the rate is kept (u >= rate), so rate 0 keeps every caption
+    at = drop_captions(texts[:1], float(u[0]), torch.Generator().manual_seed(3))
+    assert at == texts[:1]
+    assert drop_captions(texts, 0.0, torch.Generator().manual_seed(0)) == texts
+    assert drop_captions(texts, 1.0, torch.Generator().manual_seed(0)) == [""] * 64
+
+
+def test_drop_captions_is_a_function_of_the_generator_alone():
+    texts = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    torch.manual_seed(0)
+    a = drop_captions(texts, 0.5, torch.Generator().manual_seed(11))
+    torch.manual_seed(1)  # the global RNG must not matter: resumed runs replay the same dropout
+    b = drop_captions(texts, 0.5, torch.Generator().manual_seed(11))
+    assert a == b

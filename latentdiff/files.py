@@ -125,7 +125,8 @@ def staging_dir(folder) -> Path:
 def publish_dir(tmp, folder) -> None:
     """Swap a completely written folder into place: an existing `folder` is moved aside first, then removed.
 
-    A kill leaves either the old folder or the new one under the name (and at worst a stray NAME.old).
+    A kill between the two renames leaves the old version as NAME.old and nothing under NAME; remove_leftovers
+    (run at the next start) renames it back, so a reader that starts over finds the old or the new folder.
     """
     tmp, folder = Path(tmp), Path(folder)
     mode = file_mode()

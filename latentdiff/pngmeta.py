@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +67,18 @@ def _num(x: float) -> str:
 
 
 def _quote(v: str) -> str:
-    return '"' + v.replace('"', '\\"') + '"' if ("," in v or ":" in v or '"' in v) else v
+    """A1111 quotes a value holding a comma, colon or quote as a JSON string (backslashes escaped too)."""
+    return json.dumps(v) if ("," in v or ":" in v or '"' in v) else v
 
 
 def _parse_fields(line: str):
     for m in re.finditer(r'\s*([\w][\w \-/]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', line):
         key, value = m.group(1).strip(), m.group(2).strip()
         if value.startswith('"'):
-            value = value[1:-1].replace('\\"', '"')
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:  # a hand-written quote that is not JSON: take it as latentdiff once wrote it
+                value = value[1:-1].replace('\\"', '"')
         yield key, value
 
 

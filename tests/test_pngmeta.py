@@ -28,3 +28,9 @@ def test_rejects_text_without_parameters_line(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no 'parameters' text chunk"):
         read_params(tmp_path / "plain.png")
+
+
+def test_quoted_values_with_backslashes_round_trip():
+    """A1111 quotes with JSON, so a backslash before a quote survives (it was corrupted before)."""
+    params = GenerationParams("a, b", extra={"Note": 'x\\"y, z', "Lora": "café: 0.8"})
+    assert GenerationParams.from_text(params.to_text()).extra == params.extra

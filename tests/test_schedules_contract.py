@@ -32,7 +32,7 @@ def default_dtype(dtype):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(beta_schedule="cosine"), r"^beta_schedule 'cosine' is not supported; expected one of: linear, scaled_linear, squaredcos_cap_v2\.$"),
     (dict(prediction_type="sample"), r"^prediction_type 'sample' is not supported; expected one of: epsilon, v_prediction\.$"),
-    (dict(timestep_spacing="linspace"), r"^timestep_spacing 'linspace' is not supported; expected one of: leading, trailing\.$"),
+    (dict(timestep_spacing="uniform"), r"^timestep_spacing 'uniform' is not supported; expected one of: leading, trailing, linspace\.$"),
     (dict(num_train_timesteps=1), r"^num_train_timesteps must be an integer >= 2, got 1\.$"),
     (dict(num_train_timesteps=1000.0), r"^num_train_timesteps must be an integer >= 2, got 1000\.0\.$"),
     (dict(steps_offset=-1), r"^steps_offset must be a non-negative integer, got -1\.$"),
@@ -81,23 +81,24 @@ def test_trailing_timesteps_match_diffusers_for_every_step_count():
         assert schedules.timesteps(config, n).tolist() == ref.timesteps.tolist()
 
 
-def test_as_many_inference_steps_as_training_steps_is_allowed():
+def test_as_many_inference_steps_as_the_timesteps_allow():
     assert schedules.timesteps(ScheduleConfig(steps_offset=0), 1000).tolist() == list(range(999, -1, -1))
     assert schedules.timesteps(ScheduleConfig(timestep_spacing="trailing"), 1000).tolist() == list(range(999, -1, -1))
-    with pytest.raises(ValueError, match=r"^num_inference_steps must be an integer between 1 and 1000, got 1001\.$"):
-        schedules.timesteps(ScheduleConfig(), 1001)
+    with pytest.raises(ValueError, match=r"^num_inference_steps must be an integer between 1 and 1000 .*got 1001\.$"):
+        schedules.timesteps(ScheduleConfig(steps_offset=0), 1001)
     sampler = get_sampler("ddim", ScheduleConfig(num_train_timesteps=10, steps_offset=0))
     sampler.set_timesteps(10)
     assert sampler.timesteps.tolist() == list(range(9, -1, -1))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "known bug: with leading spacing and steps_offset=1 (SD's config) n = T steps start at t = T, one past the "
-    "ᾱ table, and set_timesteps raises IndexError instead of sampling or refusing n with a ValueError (diffusers "
-    "fails the same way in step); dpmpp_2m reports 'got 1001' for n = 1000"))
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral"])
-def test_every_accepted_step_count_samples_with_sds_schedule(name):
-    get_sampler(name, ScheduleConfig()).set_timesteps(1000)
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"])
+def test_every_step_count_is_sampled_or_refused_in_one_sentence_with_sds_schedule(name):
+    """SD's leading spacing with steps_offset 1: n = T steps would start at t = T, one past the ᾱ table."""
+    sampler = get_sampler(name, ScheduleConfig())
+    sampler.set_timesteps(sampler.max_steps)
+    assert int(sampler.timesteps.max()) <= 999
+    with pytest.raises(ValueError, match=rf"between 1 and {sampler.max_steps} .*got {sampler.max_steps + 1}\.$"):
+        sampler.set_timesteps(sampler.max_steps + 1)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -236,7 +237,7 @@ def test_euler_noise_level_is_defined_before_set_timesteps_as_in_diffusers(name,
 
 
 def test_ddim_refuses_negative_eta():
-    with pytest.raises(ValueError, match=r"^eta must be >= 0, got -0\.1\.$"):
+    with pytest.raises(ValueError, match=r"^eta must be between 0 \(deterministic\) and 1 \(DDPM-like\), got -0\.1\.$"):
         get_sampler("ddim", ScheduleConfig(), eta=-0.1)
 
 

@@ -13,6 +13,9 @@ class GenerateConfig:
     guidance_scale: float = 7.5  # ≤ 1 skips the unconditional pass
     sampler: str = "dpmpp_2m"  # a name of latentdiff.schedulers.SAMPLERS
     eta: float = 0.0  # DDIM's noise scale (0 = deterministic)
+    scheduler: str | None = None  # the noise schedule (latentdiff.schedulers.SCHEDULERS); None: the model's default
+    clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before
+    guidance_rescale: float = 0.0  # Lin et al. 2023's φ (0 = off)
     width: int | None = None
     height: int | None = None
     precision: str = "auto"  # latentdiff.precision.PRECISIONS

@@ -17,7 +17,7 @@ from .config import DEFAULTS
 from .devices import default_device
 from .errors import ModelError
 from .files import atomic_dir, file_sha256
-from .guidance import cfg_combine
+from .guidance import cfg_combine, rescale_guidance
 from .optimize import optimize_for_inference
 from .precision import component_dtypes
 from .schedulers import ScheduleConfig, get_sampler, randn
@@ -180,7 +180,12 @@ class LatentDiffusionPipeline:
         seed: int | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         sampler: str = DEFAULTS.sampler,
+        scheduler: str | None = None,
         eta: float = DEFAULTS.eta,
+        clip_skip: int = DEFAULTS.clip_skip,
+        guidance_rescale: float = DEFAULTS.guidance_rescale,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -192,6 +197,8 @@ class LatentDiffusionPipeline:
         denoise (inpainting: the 9-channel UNet sees the mask, a regular one gets the kept region blended back in
         every step) → decode (→ the original pixels pasted back outside the feathered mask).
         """
+        if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
+            prompt = [""] * len(prompt_embeds)
         prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
         init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
                                   height, width, strength, mask_blur)
@@ -201,10 +208,16 @@ class LatentDiffusionPipeline:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (≤ 1 turns guidance off), got {guidance_scale!r}")
         self.check_unet(inpainting=init is not None and init.mask is not None)
-        scheduler = get_sampler(sampler, self.schedule, eta=eta)
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be between 0 and 1 (Lin et al. 2023's φ), got {guidance_rescale!r}")
+        scheduler = get_sampler(sampler, self.schedule, scheduler, eta=eta)
         seeds, generators = make_generators(len(prompts), seed, generator)
         do_cfg = guidance_scale > 1.0
-        context = self.encode_prompt(prompts, negatives if do_cfg else None)
+        if prompt_embeds is None:
+            context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip)
+        else:
+            context = self.embeds_context(prompt_embeds, negative_prompt_embeds, negatives, num_images_per_prompt,
+                                          do_cfg, clip_skip)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         condition = blend = None
         if init is None:
@@ -219,7 +232,8 @@ class LatentDiffusionPipeline:
             return x
 
         latents = self.denoise(latents, context, scheduler, guidance_scale, generators, start=start, condition=condition,
-                               on_step=on_step if blend or callback else None, progress=progress)
+                               on_step=on_step if blend or callback else None, progress=progress,
+                               guidance_rescale=guidance_rescale)
         check_latents(latents)
         if output_type == "latents":
             return GenerationOutput(latents, seeds)
@@ -303,10 +317,41 @@ class LatentDiffusionPipeline:
         work = max(16 * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
         return (2 if guidance else 1) * batch * (skips + work) * self.dtype.itemsize
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None) -> torch.Tensor:
-        """Context (B, 77, D); with negatives, [uncond; cond] (2B, 77, D) for one CFG batch through the UNet."""
-        ids = text.tokenize(self.tokenizer, prompts if negatives is None else negatives + prompts)
-        return text.encode(self.text_encoder, ids.to(self.device))
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None, *, clip_skip: int = 1):
+        """Context (B, 77·k, D); with negatives, [uncond; cond] (2B, 77·k, D) for one CFG batch through the UNet.
+
+        Prompts use A1111's syntax (weights, BREAK) and any length (75-token chunks, text.encode_prompts); an image's
+        negative is padded with empty chunks to its prompt's length or the other way round. Images whose contexts
+        differ in length go through the UNet in separate groups: a list of (image indices, context) — never padded
+        to a batch mate's length, so an image does not depend on its batch.
+        """
+        encoded = text.encode_prompts(self.tokenizer, self.text_encoder, (negatives or []) + prompts, clip_skip)
+        conds = encoded[len(negatives or []):]
+        pairs = [(u, c) for u, c in zip(encoded, conds)] if negatives is not None else [(None, c) for c in conds]
+        if any(u is not None and len(u) != len(c) for u, c in pairs):
+            pad = text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+            pairs = [(_pad_to(u, len(c), pad), _pad_to(c, len(u), pad)) if u is not None else (u, c) for u, c in pairs]
+        return _group_contexts(pairs)
+
+    def embeds_context(self, prompt_embeds, negative_prompt_embeds, negatives, per_prompt: int, do_cfg: bool, clip_skip):
+        """The context for caller-made `prompt_embeds` (n, L, D): negatives from `negative_prompt_embeds`, else encoded
+        from the negative prompts (padded with empty chunks to L)."""
+        cond = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(per_prompt, dim=0)
+        if not do_cfg:
+            return cond
+        if negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds {tuple(prompt_embeds.shape)}, "
+                                 f"got {tuple(negative_prompt_embeds.shape)}")
+            uncond = negative_prompt_embeds.to(cond).repeat_interleave(per_prompt, dim=0)
+        else:
+            pad = text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+            uncond = torch.stack([_pad_to(u, cond.shape[1], pad)
+                                  for u in text.encode_prompts(self.tokenizer, self.text_encoder, negatives, clip_skip)])
+            if uncond.shape[1] != cond.shape[1]:
+                raise ValueError(f"the negative prompt needs {uncond.shape[1]} tokens of context, prompt_embeds have "
+                                 f"{cond.shape[1]}; pass negative_prompt_embeds")
+        return torch.cat([uncond, cond])
 
     def prepare_latents(self, n: int, height: int, width: int, generators, scheduler, latents=None) -> torch.Tensor:
         """x_T ~ N(0, σ_max² I): standard noise drawn on the CPU per image (or the given `latents`), scaled."""
@@ -352,7 +397,8 @@ class LatentDiffusionPipeline:
         return latents, torch.cat([mask, masked], dim=1), None
 
     def denoise(self, latents, context, scheduler, guidance_scale: float, generators, *, start: int = 0,
-                condition: torch.Tensor | None = None, on_step: Callable | None = None, progress: bool = False) -> torch.Tensor:
+                condition: torch.Tensor | None = None, on_step: Callable | None = None, progress: bool = False,
+                guidance_rescale: float = 0.0) -> torch.Tensor:
         """The sampling loop over scheduler.timesteps[start:]; float32 latents in and out.
 
         With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `condition` is joined to the
@@ -367,15 +413,28 @@ class LatentDiffusionPipeline:
         for i, t in enumerate(tqdm(scheduler.timesteps[start:], disable=not progress, desc="sampling", leave=False), start):
             x_in = scheduler.scale_model_input(latents, t)
             x_in = x_in if condition is None else torch.cat([x_in, condition], dim=1)
-            x_in = torch.cat([x_in, x_in]) if do_cfg else x_in
-            eps = self.denoiser(x_in.to(self.dtype), t, context).float()
-            if do_cfg:
-                eps = cfg_combine(*eps.chunk(2), guidance_scale)
+            eps = self.predict(x_in, t, context, guidance_scale if do_cfg else None, guidance_rescale)
             latents = scheduler.step(eps, t, latents, generator=generators)
             if on_step is not None:
                 replaced = on_step(i, t, latents)
                 latents = latents if replaced is None else replaced
         return latents
+
+    def predict(self, x_in, t, context, guidance_scale: float | None, guidance_rescale: float = 0.0) -> torch.Tensor:
+        """The model output for x_t (B, C, h, w), float32: with guidance, one UNet call on [x; x] and
+        ε̂ = ε_u + s·(ε_c − ε_u) (rescaled by φ = guidance_rescale); per group when contexts differ in length."""
+        if not isinstance(context, torch.Tensor):
+            out = torch.empty(x_in.shape[0], self.unet.config.out_channels, *x_in.shape[2:], device=x_in.device)
+            for index, group_context in context:
+                out[index] = self.predict(x_in[index], t, group_context, guidance_scale, guidance_rescale)
+            return out
+        x_in = torch.cat([x_in, x_in]) if guidance_scale is not None else x_in
+        eps = self.denoiser(x_in.to(self.dtype), t, context).float()
+        if guidance_scale is None:
+            return eps
+        eps_uncond, eps_cond = eps.chunk(2)
+        guided = cfg_combine(eps_uncond, eps_cond, guidance_scale)
+        return rescale_guidance(guided, eps_cond, guidance_rescale) if guidance_rescale else guided
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images (B, 3, H, W) in [0, 1], float32."""
@@ -385,6 +444,28 @@ class LatentDiffusionPipeline:
         """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator` (or with one
         generator per image, from a list)."""
         return encode_pixels(self.vae, pixels, generator)
+
+
+def _pad_to(context: torch.Tensor, length: int, empty_chunk: torch.Tensor) -> torch.Tensor:
+    """(L, D) context padded with empty-prompt chunks (77, D) to `length` tokens (as A1111 pads a shorter negative)."""
+    missing = (length - len(context)) // len(empty_chunk)
+    return torch.cat([context, *[empty_chunk] * missing]) if missing > 0 else context
+
+
+def _group_contexts(pairs):
+    """One (2B or B, L, D) tensor when every image's context has one length (uncond rows first); else a list of
+    (image indices, context) groups of equal length."""
+    lengths = [len(c) for _, c in pairs]
+
+    def stack(members):
+        conds = torch.stack([pairs[i][1] for i in members])
+        return conds if pairs[0][0] is None else torch.cat([torch.stack([pairs[i][0] for i in members]), conds])
+
+    if len(set(lengths)) == 1:
+        return stack(range(len(pairs)))
+    device = pairs[0][1].device
+    return [(torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device),
+             stack([i for i, n in enumerate(lengths) if n == length])) for length in sorted(set(lengths))]
 
 
 def check_latents(latents: torch.Tensor) -> None:

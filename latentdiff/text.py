@@ -93,14 +93,14 @@ def chunk_ids(tokenizer, prompt: str) -> tuple[torch.LongTensor, torch.Tensor]:
     fragments = parse(prompt)
     if is_plain(fragments):
         text = "".join(t for t, _ in fragments)
-        if len(tokenizer(text, add_special_tokens=False).input_ids) <= CHUNK:
+        if len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) <= CHUNK:
             return tokenize(tokenizer, [text]), torch.ones(1, MAX_LENGTH)
     chunks: list[list[tuple[int, float]]] = [[]]
     for text, weight in fragments:
         if text == BREAK and weight == -1:
             chunks.append([])
             continue
-        for token in tokenizer(text, add_special_tokens=False).input_ids:
+        for token in tokenizer(text, add_special_tokens=False, verbose=False).input_ids:
             if len(chunks[-1]) == CHUNK:
                 chunks.append([])
             chunks[-1].append((token, weight))

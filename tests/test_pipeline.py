@@ -91,11 +91,19 @@ def test_callback_and_latents(pipe):
     assert (other - seeded).abs().max() > 0.1
 
 
-def test_long_prompt_warns_with_dropped_words(pipe, caplog):
-    prompt = "a red circle " + "very " * 80 + "ELEPHANT"
-    with caplog.at_level(logging.WARNING, logger="latentdiff.text"):
-        pipe(prompt, num_inference_steps=1, progress=False, output_type="latents")
-    assert "elephant" in caplog.text.lower() and "dropped" in caplog.text
+def test_long_prompts_keep_every_word_and_mixed_lengths_do_not_couple_images(pipe, caplog):
+    """Over 75 tokens the prompt goes on in a second chunk (A1111/ComfyUI), nothing is dropped or warned about; an
+    image with a one-chunk prompt is the same alone or beside a two-chunk one (contexts are never padded to a
+    batch mate's length)."""
+    long = "a red circle " + "very " * 80 + "ELEPHANT"
+    truncated = pipe.tokenizer.decode(pipe.tokenizer(long, truncation=True, max_length=77).input_ids[1:-1])
+    with caplog.at_level(logging.WARNING):
+        both = pipe([long, PROMPTS[0]], seed=[1, 2], num_inference_steps=2, output_type="pt", progress=False).images
+    assert "dropped" not in caplog.text and "longer than" not in caplog.text.lower()
+    cut = pipe(truncated, seed=1, num_inference_steps=2, output_type="pt", progress=False).images[0]
+    assert (both[0] - cut).abs().max() > 1e-4, "the words after the first 75 tokens change the image"
+    alone = pipe(PROMPTS[0], seed=2, num_inference_steps=2, output_type="pt", progress=False).images[0]
+    torch.testing.assert_close(both[1], alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -189,3 +197,52 @@ def test_folder_and_single_file_loaders_follow_one_precision_policy(tmp_path, pi
     for model in (tiny_model_dir, single):
         loaded = load_pipeline(model, device="cpu", precision=precision, optimize=False)
         assert (loaded.unet.dtype, loaded.text_encoder.dtype, loaded.vae.dtype) == expected, model
+
+
+def _diffusers_image(reference, scheduler_cls: str, extra: dict | None = None, **kwargs):
+    import diffusers
+
+    plain = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "prediction_type": "epsilon"}  # shared: reset
+    reference.scheduler = getattr(diffusers, scheduler_cls).from_config({**reference.scheduler.config, **plain, **(extra or {})})
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    return reference(generator=gens, num_inference_steps=6, guidance_scale=5.0, output_type="pt", **kwargs).images
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls, flag", [
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", "use_karras_sigmas"),
+    ("euler", "EulerDiscreteScheduler", "use_karras_sigmas"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", "use_exponential_sigmas"),
+])
+def test_karras_and_exponential_schedules_match_diffusers(pipe, reference, sampler, scheduler_cls, flag):
+    name = "karras" if flag == "use_karras_sigmas" else "exponential"
+    ours = pipe(PROMPTS, "blurry", num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler=sampler,
+                scheduler=name, output_type="pt", progress=False).images
+    theirs = _diffusers_image(reference, scheduler_cls, {flag: True}, prompt=PROMPTS, negative_prompt=["blurry"] * 2)
+    assert (ours - theirs).abs().max().item() < 1e-3
+
+
+def test_guidance_rescale_matches_diffusers(pipe, reference):
+    ours = pipe(PROMPTS, num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler="ddim", guidance_rescale=0.7,
+                output_type="pt", progress=False).images
+    theirs = _diffusers_image(reference, "DDIMScheduler", prompt=PROMPTS, guidance_rescale=0.7)
+    plain = pipe(PROMPTS, num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler="ddim", output_type="pt",
+                 progress=False).images
+    assert (ours - theirs).abs().max().item() < 1e-3 and (ours - plain).abs().max().item() > 1e-4
+
+
+def test_clip_skip_and_prompt_embeds_match_diffusers_fed_the_same_embeddings(pipe, reference):
+    """diffusers' clip_skip=k−1 is final_layer_norm(hidden_states[−k]); its own code path needs transformers 4, so the
+    formula is fed to it as prompt_embeds."""
+    from latentdiff import text
+
+    with torch.no_grad():
+        ids = text.tokenize(pipe.tokenizer, PROMPTS + ["", ""])
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        embeds = pipe.text_encoder.final_layer_norm(hidden)
+    ours = pipe(PROMPTS, num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler="ddim", clip_skip=2,
+                output_type="pt", progress=False).images
+    theirs = _diffusers_image(reference, "DDIMScheduler", prompt_embeds=embeds[:2], negative_prompt_embeds=embeds[2:])
+    assert (ours - theirs).abs().max().item() < 1e-3
+    via_embeds = pipe(None, prompt_embeds=embeds[:2], negative_prompt_embeds=embeds[2:], num_inference_steps=6,
+                      guidance_scale=5.0, seed=[3, 4], sampler="ddim", output_type="pt", progress=False).images
+    torch.testing.assert_close(via_embeds, ours, atol=1e-5, rtol=0)

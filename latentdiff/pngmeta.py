@@ -2,7 +2,7 @@
 
     a red circle on a blue background
     Negative prompt: blurry
-    Steps: 20, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e, Model: default_model, Precision: fp32
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 1a2b3c4d5e, Model: default_model, Precision: fp32, Schedule type: Karras, Clip skip: 2
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import DEFAULTS
 from .files import atomic_write_bytes, create_exclusive_bytes
-from .schedulers import from_a1111
+from .schedulers import SAMPLERS, SCHEDULE_A1111, from_a1111_combined
 
 
 @dataclass
@@ -32,8 +32,8 @@ class GenerationParams:
     extra: dict[str, str] = field(default_factory=dict)  # e.g. Precision, Eta
 
     def to_text(self) -> str:
-        fields = {
-            "Steps": self.steps, "Sampler": self.sampler, "CFG scale": _num(self.cfg_scale), "Seed": self.seed,
+        fields = {  # A1111's display name for the sampler, so SD tools read it; ours on the way back (from_text)
+            "Steps": self.steps, "Sampler": SAMPLERS[self.sampler].a1111 if self.sampler in SAMPLERS else self.sampler, "CFG scale": _num(self.cfg_scale), "Seed": self.seed,
             "Size": f"{self.width}x{self.height}", "Model hash": self.model_hash, "Model": self.model, **self.extra,
         }
         lines = [self.prompt]
@@ -53,10 +53,12 @@ class GenerationParams:
         if body.startswith("Negative prompt: "):
             prompt, negative = "", body[len("Negative prompt: "):]
         width, _, height = fields.pop("Size", "512x512").partition("x")
-        sampler = fields.pop("Sampler", DEFAULTS.sampler)
+        sampler, schedule = from_a1111_combined(fields.pop("Sampler", DEFAULTS.sampler))
+        if schedule is not None and "Schedule type" not in fields:  # "DPM++ 2M Karras": the old combined name
+            fields["Schedule type"] = SCHEDULE_A1111[schedule]
         return cls(
             prompt=prompt, negative_prompt=negative, steps=int(fields.pop("Steps")),
-            sampler=from_a1111(sampler), cfg_scale=float(fields.pop("CFG scale", DEFAULTS.guidance_scale)),
+            sampler=sampler, cfg_scale=float(fields.pop("CFG scale", DEFAULTS.guidance_scale)),
             seed=int(fields.pop("Seed", 0)), width=int(width), height=int(height),
             model=fields.pop("Model", ""), model_hash=fields.pop("Model hash", ""), extra=fields,
         )

@@ -11,7 +11,7 @@ def test_to_text_writes_a1111_fields_in_order_and_omits_empty_ones():
     p = GenerationParams(prompt="a cat", steps=20, sampler="dpmpp_2m", cfg_scale=7.5, seed=42, width=64, height=48,
                          model="default_model", model_hash="", extra={"Precision": "fp32"})
     assert p.to_text() == ("a cat\n"
-                           "Steps: 20, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 42, Size: 64x48, Model: default_model, Precision: fp32")
+                           "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 64x48, Model: default_model, Precision: fp32")
     assert GenerationParams(prompt="x", cfg_scale=5.0, model="m", model_hash="abc").to_text().endswith(
         "CFG scale: 5, Seed: 0, Size: 512x512, Model hash: abc, Model: m")  # 5.0 is written as A1111 writes it
 

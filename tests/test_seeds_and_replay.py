@@ -199,3 +199,27 @@ def test_script_refuses_a_size_not_a_positive_multiple_of_8(tmp_path, capsys, fl
 def test_api_refuses_a_size_not_a_positive_multiple_of_8(pipe, size, named):
     with pytest.raises(ValueError, match=f"height and width must be positive multiples of 8 \\(in pixels\\), got {named}"):
         pipe("a cat", num_inference_steps=1, progress=False, **size)
+
+
+def test_schedule_clip_skip_and_rescale_are_written_in_a1111_names_and_replayed(tiny_model_dir, tmp_path, caplog):
+    source_dir = tmp_path / "source"
+    assert generate("a (red:1.3) cat", "--model", tiny_model_dir, "--steps", "3", "--sampler", "dpmpp_2m",
+                    "--scheduler", "karras", "--clip-skip", "2", "--guidance-rescale", "0.5", "--outdir", source_dir,
+                    "--precision", "fp32", "--skip-grid", "--no-progress") == 0
+    source = source_dir / "samples" / "00000.png"
+    text = Image.open(source).info["parameters"]
+    assert "Sampler: DPM++ 2M, " in text and "Schedule type: Karras" in text and "Clip skip: 2" in text
+    assert "Guidance rescale: 0.5" in text
+    assert generate("--from-png", source, "--model", tiny_model_dir, "--outdir", tmp_path / "replay", "--no-progress") == 0
+    assert np.array_equal(pixels(tmp_path / "replay" / "samples" / "00000.png"), pixels(source))
+    # A1111's old combined name carries the schedule; fields latentdiff cannot honour are named, not dropped
+    old_style = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", text.replace("Sampler: DPM++ 2M, ", "Sampler: DPM++ 2M Karras, ")
+                  .replace(", Schedule type: Karras", "") + ", Hires upscale: 2, Model hash: 0123456789")
+    Image.open(source).save(old_style, pnginfo=info)
+    with caplog.at_level("WARNING"):
+        assert generate("--from-png", old_style, "--model", tiny_model_dir, "--outdir", tmp_path / "old",
+                        "--no-progress") == 0
+    assert np.array_equal(pixels(tmp_path / "old" / "samples" / "00000.png"), pixels(source))
+    assert "cannot honour Hires upscale" in caplog.text and "model hash 0123456789" in caplog.text

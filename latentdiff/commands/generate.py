@@ -10,6 +10,7 @@ images round-robin with none made twice.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -26,10 +27,11 @@ from ..images import check_mask_blur, rounded_size, size_of
 from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
 from ..pngmeta import GenerationParams, read_params, save_png, write_png
 from ..precision import PRECISIONS, precision_name
-from ..schedulers import SAMPLERS, get_sampler
+from ..schedulers import SAMPLERS, SCHEDULE_A1111, SCHEDULERS, check_scheduler, get_sampler, schedule_from_a1111
 from ..schedulers.schedules import start_index
 from .outdir import claim_range
 
+logger = logging.getLogger(__name__)
 STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
 
 
@@ -93,6 +95,12 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
                    help="image height in pixels (default: the init image's, rounded down to a multiple of 8, else the model's native size)")
     p.add_argument("--W", type=int, default=None,
                    help="image width in pixels (default: the init image's, rounded down to a multiple of 8, else the model's native size)")
+    p.add_argument("--scheduler", default=DEFAULTS.scheduler,
+                   help=f"noise schedule, one of {', '.join(SCHEDULERS)} (default: the model's own, usually normal)")
+    p.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip,
+                   help="1 = the text encoder's last layer (default), 2 = the one before (A1111's numbering)")
+    p.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
+                   help="φ of Lin et al. 2023, 0–1 (default 0: off); for zero-terminal-SNR / v-prediction models")
     p.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--skip-grid", action="store_true", help="do not write a grid of the samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,6 +125,7 @@ def check_args(args) -> list[Input]:
         args.eta = eta
         args.n_samples = args.n_iter = 1
         _replay_init_settings(args, params.extra)
+        _replay_prompt_settings(args, params)
     if args.prompt is not None and args.from_file is not None:
         raise UsageError("give either a prompt or --from-file, not both")
     if args.from_file is not None:
@@ -143,6 +152,15 @@ def check_args(args) -> list[Input]:
         raise UsageError(f"--scale must be a finite number (≤ 1 turns guidance off), got {args.scale}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be between 0 and 1, got {args.eta}")
+    if args.clip_skip < 1:
+        raise UsageError(f"--clip-skip must be at least 1 (1 = the last layer), got {args.clip_skip}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise UsageError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
+    if args.scheduler is not None and args.sampler in SAMPLERS:
+        try:
+            check_scheduler(args.sampler, args.scheduler)
+        except ValueError as e:
+            raise UsageError(f"--scheduler: {e}") from None
     last_seed = args.seed + len(inputs) * args.n_iter * args.n_samples - 1
     if args.seed < 0 or last_seed > MAX_SEED:
         raise UsageError(f"--seed must be from 0 to 2**64 - 1 for every image (seed + k), got {args.seed} (last {last_seed})")
@@ -164,6 +182,29 @@ def check_args(args) -> list[Input]:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {args.outdir} is not writable")
     return inputs
+
+
+# Fields --from-png restores, or that describe the run and change nothing (the model is given by --model)
+_REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ",
+             "Denoising strength", "Mask blur", "Model", "Model hash", "Version"}
+
+
+def _replay_prompt_settings(args, params) -> None:
+    """Schedule, clip skip and guidance rescale from the PNG; fields latentdiff cannot honour are named in one warning."""
+    extra = params.extra
+    try:
+        if "Schedule type" in extra:
+            args.scheduler = schedule_from_a1111(extra["Schedule type"])
+        args.clip_skip = int(extra.get("Clip skip", args.clip_skip))
+        rescale = next((extra[k] for k in ("Guidance rescale", "CFG Rescale", "CFG Rescale φ") if k in extra), None)
+        args.guidance_rescale = args.guidance_rescale if rescale is None else float(rescale)
+    except ValueError as e:
+        raise UsageError(f"cannot replay --from-png {args.from_png}: {e}") from None
+    ignored = sorted(set(extra) - _REPLAYED) + (["<lora:…> in the prompt"] if "<lora:" in params.prompt else [])
+    if ignored:
+        logger.warning("--from-png %s: latentdiff cannot honour %s; the image is made without them",
+                       args.from_png, ", ".join(ignored))
+    args.png_model_hash = params.model_hash
 
 
 def _replay_init_settings(args, extra: dict) -> None:
@@ -274,7 +315,10 @@ def check_against_model(args, pipe) -> tuple[int, int]:
     """The checks that need the model (its native size, schedule and dtype), before anything is written."""
     try:
         height, width = pipe.check_size(args.H, args.W)
-        get_sampler(args.sampler, pipe.schedule, eta=args.eta).set_timesteps(args.steps)
+        get_sampler(args.sampler, pipe.schedule, args.scheduler, eta=args.eta).set_timesteps(args.steps)
+        if args.clip_skip > pipe.text_encoder.config.num_hidden_layers:
+            raise ValueError(f"--clip-skip {args.clip_skip} is more than this text encoder's "
+                             f"{pipe.text_encoder.config.num_hidden_layers} layers")
         pipe.check_unet(inpainting=args.mask is not None)
     except ValueError as e:
         raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")
@@ -304,6 +348,7 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     spec = {"prompts": [it.prompt for it in inputs], "negative_prompt": args.negative_prompt, "n_iter": args.n_iter,
             "n_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "scale": args.scale,
             "sampler": args.sampler, "eta": args.eta, "width": width, "height": height,
+            **_prompt_settings(args, pipe),
             "precision": precision_name(pipe.dtype), "model": str(Path(args.model).resolve()) if args.model else "default"}
     for key, pictures in (("init_images", [it.init for it in inputs]), ("masks", [it.mask for it in inputs])):
         if pictures[0] is not None:
@@ -313,6 +358,23 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     if args.mask is not None:
         spec["mask_blur"] = args.mask_blur
     return spec
+
+
+def _prompt_settings(args, pipe) -> dict:
+    """The schedule that runs and the text-encoding settings, where they differ from the defaults (so a default
+    job's spec, and its id, is what it always was)."""
+    schedule = check_scheduler(args.sampler, args.scheduler, pipe.schedule)
+    return ({"scheduler": schedule} if schedule != "normal" else {}) | \
+        ({"clip_skip": args.clip_skip} if args.clip_skip != 1 else {}) | \
+        ({"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {})
+
+
+def _prompt_params(args, pipe) -> dict[str, str]:
+    """Their PNG fields, in A1111's names."""
+    names = {"scheduler": "Schedule type", "clip_skip": "Clip skip", "guidance_rescale": "Guidance rescale"}
+    values = _prompt_settings(args, pipe)
+    values = values | ({"scheduler": SCHEDULE_A1111[values["scheduler"]]} if "scheduler" in values else {})
+    return {names[k]: f"{v:g}" if isinstance(v, float) else str(v) for k, v in values.items()}
 
 
 def init_params(args) -> dict[str, str]:
@@ -340,7 +402,11 @@ def run(args, inputs: list[Input]) -> int:
     path = {it.index: samples / f"{first + it.index:05d}.png" for it in items}
     mine = [it for it in items[state.process_index :: state.num_processes] if not path[it.index].exists()]
 
-    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {}), **init_params(args)}
+    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {}),
+             **_prompt_params(args, pipe), **init_params(args)}
+    if getattr(args, "png_model_hash", "") and pipe.model_hash and args.png_model_hash != pipe.model_hash:
+        logger.warning("--from-png %s was made with model hash %s; the loaded model's is %s: the image will differ",
+                       args.from_png, args.png_model_hash, pipe.model_hash)
     made, t1 = 0, time.perf_counter()
     bar = tqdm(total=len(mine), disable=args.no_progress or not mine, desc=f"images[{state.process_index}]", unit="img")
     for b in range(0, len(mine), args.n_samples):
@@ -350,7 +416,8 @@ def run(args, inputs: list[Input]) -> int:
             init |= {"mask_image": [it.mask.image for it in batch], "mask_blur": args.mask_blur}
         out = pipe([it.prompt for it in batch], args.negative_prompt, height=height, width=width,
                    num_inference_steps=args.steps, guidance_scale=args.scale, seed=[it.seed for it in batch],
-                   sampler=args.sampler, eta=args.eta, progress=False, **init)
+                   sampler=args.sampler, scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip,
+                   guidance_rescale=args.guidance_rescale, progress=False, **init)
         for it, image in zip(batch, out.images):
             params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
                                       width, height, pipe.name, pipe.model_hash, extra)

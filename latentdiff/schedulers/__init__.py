@@ -76,11 +76,37 @@ def get_sampler(name: str, config: ScheduleConfig, scheduler: str | None = None,
     return spec.cls(config, scheduler=scheduler, **{k: v for k, v in options.items() if k in spec.options})
 
 
+# A1111's "Schedule type" names; "Automatic" (its default) is the model's own schedule
+SCHEDULE_A1111 = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
+                  "simple": "Simple", "ddim_uniform": "DDIM"}
+
+
 def from_a1111(name: str) -> str:
     """latentdiff's name for an A1111 display name ("Euler a" → "euler_ancestral"); our own names pass through."""
+    return from_a1111_combined(name)[0]
+
+
+def from_a1111_combined(name: str) -> tuple[str, str | None]:
+    """(sampler, schedule or None) from A1111's sampler names, old and new: "DPM++ 2M Karras" (before A1111 1.9 the
+    schedule was part of the name), "k_dpmpp_2m" (its API's old names), "Euler a", or latentdiff's own names."""
     by_display = {spec.a1111.lower(): spec.name for spec in SAMPLERS.values()}
-    return by_display.get(name.lower(), name)
+    key = name.strip().lower()
+    for schedule, display in SCHEDULE_A1111.items():
+        if key.endswith(" " + display.lower()) and key[: -len(display) - 1] in by_display:
+            return by_display[key[: -len(display) - 1]], schedule
+    if key.startswith("k_"):  # k_dpmpp_2m, k_euler_a, k_euler
+        key = {"euler_a": "euler_ancestral"}.get(key[2:], key[2:])
+        return (key if key in SAMPLERS else name), None
+    return by_display.get(key, name), None
+
+
+def schedule_from_a1111(name: str) -> str | None:
+    """latentdiff's schedule for an A1111 "Schedule type" ("Karras" → "karras"); None for "Automatic"."""
+    by_display = {display.lower(): schedule for schedule, display in SCHEDULE_A1111.items()} | {"uniform": "normal"}
+    key = name.strip().lower()
+    return None if key == "automatic" else by_display.get(key, key)
 
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "Sampler", "SamplerSpec", "ScheduleConfig", "check_sampler", "check_scheduler",
-           "from_a1111", "get_sampler", "randn", "schedules"]
+           "from_a1111", "from_a1111_combined", "get_sampler", "randn", "schedule_from_a1111", "schedules",
+           "SCHEDULE_A1111"]

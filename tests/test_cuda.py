@@ -5,6 +5,7 @@ are in test_device_policy.py.
 """
 import pytest
 import torch
+from helpers import random_lora_file
 
 from latentdiff.optimize import CUDAGraphUNet
 from latentdiff.pipeline import EagerUNet, load_pipeline
@@ -43,20 +44,9 @@ def test_capture_failure_falls_back_to_eager(pipe, monkeypatch, caplog):
 
 
 def test_lora_loaded_after_capture_changes_the_output(pipe, tiny_model_dir, tmp_path):
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    donor = load_pipeline(tiny_model_dir, device="cpu", precision="fp32", optimize=False)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
-    with torch.no_grad():
-        for name, p in donor.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name="l.safetensors", safe_serialization=True,
-                                              unet_lora_layers=get_peft_model_state_dict(donor.unet))
+    lora = random_lora_file(tiny_model_dir, tmp_path / "l.safetensors")
     before = _image(pipe)
-    pipe.load_lora(tmp_path / "l.safetensors")
+    pipe.load_lora(lora)
     assert (_image(pipe) - before).abs().max() > 1e-3
 
 

@@ -5,6 +5,7 @@ stalls the launch queue; the loop must have none. The check runs on the CPU by m
 """
 import pytest
 import torch
+from helpers import random_lora_file
 
 from latentdiff.optimize import CUDAGraphUNet
 from latentdiff.pipeline import load_pipeline
@@ -89,22 +90,9 @@ def test_replay_equals_eager_and_captures_once_per_shape(graphed, tiny_model_dir
 
 
 def test_lora_loaded_scaled_or_merged_after_capture_takes_effect(graphed, tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    # a LoRA file with non-zero B, saved the way the trainer saves one
-    donor = load_pipeline(tiny_model_dir, device="cpu", precision="fp32", optimize=False)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
-    with torch.no_grad():
-        for name, p in donor.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name="l.safetensors", safe_serialization=True,
-                                              unet_lora_layers=get_peft_model_state_dict(donor.unet))
+    lora = random_lora_file(tiny_model_dir, tmp_path / "l.safetensors")
     plain = _image(graphed)
-    graphed.load_lora(tmp_path / "l.safetensors", scale=1.0)
+    graphed.load_lora(lora, scale=1.0)
     with_lora = _image(graphed)
     assert (with_lora - plain).abs().max() > 1e-3, "the LoRA loaded after capture changes the image"
     graphed.unet.set_adapters(["lora"], weights=[0.0])  # a scale change through peft directly

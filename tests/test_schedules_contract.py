@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from latentdiff.schedulers import SAMPLERS, ScheduleConfig, check_sampler, from_a1111, get_sampler, schedules
+from latentdiff.schedulers import (SAMPLERS, ScheduleConfig, check_sampler, from_a1111, from_a1111_combined, get_sampler,
+                                   schedules)
 from latentdiff.schedulers.base import randn
 
 SHAPE = (2, 4, 8, 8)
@@ -257,4 +258,7 @@ def test_a1111_names_map_both_ways():
         assert from_a1111(spec.a1111) == spec.name
         assert from_a1111(spec.a1111.upper()) == spec.name  # A1111 display names are matched case-insensitively
         assert from_a1111(spec.name) == spec.name
-    assert from_a1111("DPM++ 2M Karras") == "DPM++ 2M Karras"  # unknown names pass through for check_sampler to refuse
+    assert from_a1111("DPM++ 3M SDE") == "DPM++ 3M SDE"  # unknown names pass through for check_sampler to refuse
+    assert from_a1111_combined("DPM++ 2M Karras") == ("dpmpp_2m", "karras")  # A1111 before 1.9: one name
+    assert from_a1111_combined("k_euler_a") == ("euler_ancestral", None)  # its API's old names
+    assert from_a1111_combined("Euler a") == ("euler_ancestral", None)

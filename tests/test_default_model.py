@@ -1,7 +1,10 @@
 """The shipped model, as a new user first meets it: `load_pipeline()` at the defaults, judged by its pixels."""
+import numpy as np
 import pytest
+import torch
 
-from latentdiff import load_pipeline
+from latentdiff import images, load_pipeline
+from latentdiff.data.shapes import COLORS, render
 from latentdiff.evaluate import judge
 
 PROMPTS = [  # (color, shape, background): one of each shape, light and dark backgrounds
@@ -25,3 +28,32 @@ def test_shipped_model_draws_the_colors_it_is_asked_for(verdicts):
 def test_shipped_model_draws_the_shapes_it_is_asked_for(verdicts):
     right = sum(v["shape"] == s for v, (_, s, _) in zip(verdicts, PROMPTS))
     assert right >= len(PROMPTS) - 1, verdicts  # the shipped model is judged 88.8 % right on shape (README)
+
+
+def _box_mask(picture, background, margin=4):
+    rgb = np.asarray(picture, float)
+    ys, xs = np.nonzero(np.linalg.norm(rgb - np.array(COLORS[background]), axis=-1) > 60)
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    mask[ys.min() - margin:ys.max() + margin + 1, xs.min() - margin:xs.max() + margin + 1] = 255
+    return mask
+
+
+def test_shipped_model_turns_a_picture_into_the_prompt_and_repaints_inside_a_mask_only():
+    """The README figure's scenes (scripts/make_img2img_figure.py): a red circle becomes a yellow star at strength
+    0.75; inside a mask around a smaller circle the judge finds each prompt, and outside the feathered mask every
+    pixel is the original's."""
+    pipe = load_pipeline()
+    circle = render("red", "circle", "blue", np.random.default_rng(0))
+    out = pipe("a yellow star on a blue background", image=circle, strength=0.75, seed=0, output_type="numpy", progress=False)
+    assert judge(out.images[0]) == {"background": "blue", "foreground": "yellow", "shape": "star"}
+
+    small = render("red", "circle", "blue", np.random.default_rng(29))
+    mask = _box_mask(small, "blue")
+    targets = [("yellow", "star"), ("white", "triangle"), ("green", "square")]
+    out = pipe([f"a {c} {s} on a blue background" for c, s in targets], image=small, mask_image=mask, mask_blur=1,
+               seed=0, output_type="numpy", progress=False)
+    kept = images.feather(torch.from_numpy(mask / 255.0).float()[None, None], 1)[0, 0].numpy() == 0
+    assert kept.mean() > 0.2
+    for image, (color, shape) in zip(out.images, targets):
+        assert np.array_equal(image[kept], np.asarray(small)[kept])
+        assert judge(image) == {"background": "blue", "foreground": color, "shape": shape}

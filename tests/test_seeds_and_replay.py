@@ -223,3 +223,18 @@ def test_schedule_clip_skip_and_rescale_are_written_in_a1111_names_and_replayed(
                         "--no-progress") == 0
     assert np.array_equal(pixels(tmp_path / "old" / "samples" / "00000.png"), pixels(source))
     assert "cannot honour Hires upscale" in caplog.text and "model hash 0123456789" in caplog.text
+
+
+def test_flags_given_with_from_png_replace_the_pngs_settings(tiny_model_dir, tmp_path, caplog):
+    assert generate("a cat", "--model", tiny_model_dir, "--steps", "3", "--seed", "5", "--outdir", tmp_path / "a",
+                    "--precision", "fp32", "--skip-grid", "--no-progress") == 0
+    source = tmp_path / "a" / "samples" / "00000.png"
+    with caplog.at_level("WARNING"):
+        assert generate("--from-png", source, "--model", tiny_model_dir, "--steps", "2", "--outdir", tmp_path / "b",
+                        "--no-progress") == 0
+    replay = read_params(tmp_path / "b" / "samples" / "00000.png")
+    assert (replay.steps, replay.seed, replay.prompt) == (2, 5, "a cat")  # steps yours, the rest the PNG's
+    assert "your --steps replace the PNG's" in caplog.text
+    assert generate("a cat", "--model", tiny_model_dir, "--steps", "2", "--seed", "5", "--outdir", tmp_path / "c",
+                    "--precision", "fp32", "--skip-grid", "--no-progress") == 0
+    assert np.array_equal(pixels(tmp_path / "b" / "samples" / "00000.png"), pixels(tmp_path / "c" / "samples" / "00000.png"))

@@ -10,6 +10,7 @@ images round-robin with none made twice.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -118,6 +119,7 @@ def check_args(args) -> list[Input]:
         except (OSError, ValueError, SyntaxError) as e:  # not an image, no `parameters` chunk, or text that does not parse
             reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
             raise UsageError(f"cannot replay --from-png {args.from_png}: {reason.rstrip('.')}") from None
+        yours = {name: getattr(args, name) for name in sorted(getattr(args, "given", set()) & _OVERRIDABLE)}
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
         args.W, args.H = params.width, params.height
@@ -126,6 +128,11 @@ def check_args(args) -> list[Input]:
         args.n_samples = args.n_iter = 1
         _replay_init_settings(args, params.extra)
         _replay_prompt_settings(args, params)
+        for name, value in yours.items():  # what you give on the command line wins over the PNG
+            setattr(args, name, value)
+        if yours:
+            logger.warning("--from-png %s: your %s replace the PNG's", args.from_png,
+                           ", ".join("--" + name.replace("_", "-") for name in yours))
     if args.prompt is not None and args.from_file is not None:
         raise UsageError("give either a prompt or --from-file, not both")
     if args.from_file is not None:
@@ -183,6 +190,10 @@ def check_args(args) -> list[Input]:
         raise UsageError(f"output directory {args.outdir} is not writable")
     return inputs
 
+
+# Settings a flag given with --from-png changes (the rest of the replay stays the PNG's)
+_OVERRIDABLE = {"prompt", "negative_prompt", "seed", "steps", "scale", "sampler", "scheduler", "eta", "clip_skip",
+                "guidance_rescale", "W", "H", "precision", "n_samples", "n_iter", "strength", "mask_blur"}
 
 # Fields --from-png restores, or that describe the run and change nothing (the model is given by --model)
 _REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ",
@@ -461,8 +472,19 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
             n += 1
 
 
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options given on the command line (argparse alone cannot tell a default from the same value typed)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None, *, prog: str = "txt2img.py", positional_prompt: bool = False) -> int:
-    args = build_parser(prog, positional_prompt).parse_args(None if argv is None else [str(a) for a in argv])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(prog, positional_prompt)
+    args = parser.parse_args(argv)
+    args.given = explicit_flags(parser, argv)
     try:
         inputs = check_args(args)
         return run(args, inputs)

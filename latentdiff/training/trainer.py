@@ -70,20 +70,12 @@ def load_model(config: TrainConfig):
 def check_validation_steps(pipe, steps: int) -> None:
     """ConfigError unless the validation sampler can take `steps` on this model's schedule (before any work:
     otherwise the run would train to the end and fail at its first grid)."""
-
-    def fits(n: int) -> bool:
-        try:
-            get_sampler(DEFAULTS.sampler, pipe.schedule).set_timesteps(n)
-        except (ValueError, IndexError):  # IndexError: a timestep past the schedule (leading spacing + steps_offset)
-            return False
-        return True
-
-    if fits(steps):
+    most = get_sampler(DEFAULTS.sampler, pipe.schedule).max_steps
+    if steps <= most:
         return
-    T = pipe.schedule.num_train_timesteps
-    most = next((n for n in range(min(steps, T), 0, -1) if fits(n)), 0)
     raise ConfigError(f"validation_steps {steps} is more than the {DEFAULTS.sampler} sampler takes on this model's "
-                      f"schedule ({T} training timesteps, steps_offset {pipe.schedule.steps_offset}); use at most {most}.")
+                      f"schedule ({pipe.schedule.num_train_timesteps} training timesteps, steps_offset "
+                      f"{pipe.schedule.steps_offset}); use at most {most}.")
 
 
 def train(config: TrainConfig) -> Path:

@@ -329,7 +329,7 @@ class LatentDiffusionPipeline:
         conds = encoded[len(negatives or []):]
         pairs = [(u, c) for u, c in zip(encoded, conds)] if negatives is not None else [(None, c) for c in conds]
         if any(u is not None and len(u) != len(c) for u, c in pairs):
-            pad = text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+            pad = self._empty_chunk(clip_skip)
             pairs = [(_pad_to(u, len(c), pad), _pad_to(c, len(u), pad)) if u is not None else (u, c) for u, c in pairs]
         return _group_contexts(pairs)
 
@@ -345,7 +345,7 @@ class LatentDiffusionPipeline:
                                  f"got {tuple(negative_prompt_embeds.shape)}")
             uncond = negative_prompt_embeds.to(cond).repeat_interleave(per_prompt, dim=0)
         else:
-            pad = text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+            pad = self._empty_chunk(clip_skip)
             uncond = torch.stack([_pad_to(u, cond.shape[1], pad)
                                   for u in text.encode_prompts(self.tokenizer, self.text_encoder, negatives, clip_skip)])
             if uncond.shape[1] != cond.shape[1]:
@@ -353,14 +353,14 @@ class LatentDiffusionPipeline:
                                  f"{cond.shape[1]}; pass negative_prompt_embeds")
         return torch.cat([uncond, cond])
 
+    def _empty_chunk(self, clip_skip: int) -> torch.Tensor:
+        """The context (77, D) of one empty chunk: what a shorter prompt or negative is padded with (as A1111)."""
+        return text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+
     def prepare_latents(self, n: int, height: int, width: int, generators, scheduler, latents=None) -> torch.Tensor:
         """x_T ~ N(0, σ_max² I): standard noise drawn on the CPU per image (or the given `latents`), scaled."""
         shape = (n, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        if latents is None:
-            latents = randn(shape, generators, torch.device("cpu"), torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return (latents.float() * scheduler.init_noise_sigma).to(self.device)
+        return (standard_noise(shape, generators, latents) * scheduler.init_noise_sigma).to(self.device)
 
     def prepare_init_latents(self, init: images.InitImages, generators, scheduler, start: int, noise=None):
         """Image-to-image and inpainting start at timesteps[start] from the init latents noised with the sampler's
@@ -376,11 +376,7 @@ class LatentDiffusionPipeline:
         blend_in = inpaint and not self.is_inpainting_model
         image_latents = self.encode(init.pixels * 2 - 1, generators) if blend_in or not pure_noise else None
         shape = (n, self.latent_channels, h, w)
-        if noise is None:
-            noise = randn(shape, generators, torch.device("cpu"), torch.float32)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"latents (the initial noise) must have shape {shape}, got {tuple(noise.shape)}")
-        noise = noise.float().to(self.device)
+        noise = standard_noise(shape, generators, noise).to(self.device)
         if pure_noise:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -391,7 +387,7 @@ class LatentDiffusionPipeline:
         if blend_in:
             # diffusers encodes the masked image here for a regular UNet too and discards it: the same draw keeps
             # every later one (a stochastic sampler's) equal to diffusers'
-            randn(shape, generators, torch.device("cpu"), torch.float32)
+            standard_noise(shape, generators)
             return latents, None, images.keep_outside(mask, image_latents.to(self.device), noise, scheduler)
         masked = self.encode(images.masked_pixels(init.pixels, init.mask), generators).to(self.device)
         return latents, torch.cat([mask, masked], dim=1), None
@@ -466,6 +462,16 @@ def _group_contexts(pairs):
     device = pairs[0][1].device
     return [(torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device),
              stack([i for i, n in enumerate(lengths) if n == length])) for length in sorted(set(lengths))]
+
+
+def standard_noise(shape: tuple, generators, given: torch.Tensor | None = None) -> torch.Tensor:
+    """ε ~ N(0, I) of `shape`, float32 on the CPU, each image drawn from its own generator (or the caller's
+    `latents`, checked for shape)."""
+    if given is None:
+        return randn(shape, generators, torch.device("cpu"), torch.float32)
+    if tuple(given.shape) != shape:
+        raise ValueError(f"latents (the initial noise) must have shape {shape}, got {tuple(given.shape)}")
+    return given.float()
 
 
 def check_latents(latents: torch.Tensor) -> None:

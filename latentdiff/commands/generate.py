@@ -40,6 +40,11 @@ class UsageError(ValueError):
     """Bad input: reported as one sentence, exit code 2, nothing written."""
 
 
+def _first_line(error: BaseException) -> str:
+    """A library's error, cut to its first line (or its type when it says nothing) to fit in one sentence."""
+    return (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+
+
 @dataclass(frozen=True)
 class Picture:
     """An init image or mask read from disk (converted to RGB or gray by the pipeline)."""
@@ -117,8 +122,7 @@ def check_args(args) -> list[Input]:
             params = read_params(args.from_png)
             eta = float(params.extra.get("Eta", args.eta))
         except (OSError, ValueError, SyntaxError) as e:  # not an image, no `parameters` chunk, or text that does not parse
-            reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            raise UsageError(f"cannot replay --from-png {args.from_png}: {reason.rstrip('.')}") from None
+            raise UsageError(f"cannot replay --from-png {args.from_png}: {_first_line(e).rstrip('.')}") from None
         yours = {name: getattr(args, name) for name in sorted(getattr(args, "given", set()) & _OVERRIDABLE)}
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
@@ -298,8 +302,7 @@ def read_pictures(path: Path, flag: str) -> list[Picture]:
                 image.load()
                 pictures.append(Picture(file, image.copy()))
         except UNREADABLE as e:
-            first_line = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            raise UsageError(f"cannot read {flag} {file}: {first_line}") from None
+            raise UsageError(f"cannot read {flag} {file}: {_first_line(e)}") from None
     return pictures
 
 
@@ -318,8 +321,7 @@ def load(args):
     except ModelError:
         raise
     except Exception as e:  # a corrupt or foreign file: say which, in one sentence
-        first_line = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise ModelError(f"cannot load model {args.model or 'default'}: {first_line}") from e
+        raise ModelError(f"cannot load model {args.model or 'default'}: {_first_line(e)}") from e
 
 
 def check_against_model(args, pipe) -> tuple[int, int]:

@@ -25,11 +25,16 @@ def job_id(spec: dict) -> str:
 
 def read_manifest(outdir: Path) -> list[dict]:
     """The recorded jobs; a torn last line (a kill mid-append) is skipped."""
-    path = Path(outdir) / MANIFEST
-    if not path.is_file():
-        return []
+    return _entries(_manifest_text(Path(outdir) / MANIFEST))
+
+
+def _manifest_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def _entries(text: str) -> list[dict]:
     entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
@@ -44,7 +49,9 @@ def claim_range(outdir: Path, spec: dict, count: int) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        entries = read_manifest(outdir)
+        manifest = outdir / MANIFEST
+        text = _manifest_text(manifest)  # read once, under the lock
+        entries = _entries(text)
         jid = job_id(spec)
         mine = next((e for e in entries if e.get("job") == jid), None)
         if mine is not None:
@@ -54,8 +61,7 @@ def claim_range(outdir: Path, spec: dict, count: int) -> int:
                  if (m := _SAMPLE.fullmatch(f.name))]
         first = max([e["first"] + e["count"] for e in entries] + taken + [0])
         line = json.dumps({"job": jid, "first": first, "count": count, "spec": spec}) + "\n"
-        manifest = outdir / MANIFEST
-        if manifest.is_file() and not manifest.read_bytes().endswith(b"\n") and manifest.stat().st_size:
+        if text and not text.endswith("\n"):
             line = "\n" + line  # end a torn line first, so this one stays whole
         try:
             with open(manifest, "a", encoding="utf-8") as f:

@@ -117,7 +117,6 @@ def test_forward_process_and_snr_follow_the_datas_device():
     x = torch.zeros(SHAPE, device=META)
     t = torch.tensor([0, 999], device=META)
     assert schedules.add_noise(x, x, t, ac).device == META
-    assert schedules.add_noise_sigma(x, x, t, ac).device == META
     assert schedules.get_velocity(x, x, t, ac).device == META
     assert schedules.snr(t, ac).device == META
     assert schedules.snr(torch.tensor([0, 999]), ac).device.type == "cpu"

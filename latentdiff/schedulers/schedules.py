@@ -415,12 +415,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
     return a * x0 + s * noise
 
 
-def add_noise_sigma(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The same noise level in σ-space (Karras et al. 2022): x = x_0 + σ_t ε = x_t / √ᾱ_t, σ_t = √((1 − ᾱ_t)/ᾱ_t)."""
-    a = _alpha_bar(alphas_cumprod, t, x0)
-    return x0 + ((1 - a) / a).sqrt().to(x0.dtype) * noise
-
-
 def get_velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """v-prediction target, Salimans & Ho 2022 sec. 4: v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
     a, s = _coefficients(alphas_cumprod, t, x0)

@@ -92,14 +92,12 @@ def shape_features(mask: np.ndarray) -> tuple[float, float]:
     return solidity, area / (math.pi * r_max ** 2)
 
 
-def judge(image: np.ndarray, colors=COLORS, shapes=SHAPES) -> dict:
-    """{"background", "foreground", "shape"} of an (H, W, 3) uint8 image; None where nothing is found.
+def _foreground(rgb: np.ndarray, colors) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(background rgb, shape rgb, shape mask) of a float (H, W, 3) image; the last two None when no shape is drawn.
 
-    Background: median border pixel. Foreground: median color of the pixels farthest from the
-    background; the shape is the largest region closer to that color than to the background's,
-    named by its nearest SHAPE_FEATURES entry among `shapes`.
+    Background: median border pixel. Shape color: median of the pixels farthest from the background; the mask
+    holds the pixels closer to the shape's color than to the background's.
     """
-    rgb = np.asarray(image, float)[..., :3]
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb, colors)
@@ -109,18 +107,132 @@ def judge(image: np.ndarray, colors=COLORS, shapes=SHAPES) -> dict:
     distance = np.linalg.norm(rgb - bg_rgb, axis=-1)
     coarse = distance > gap / 2
     if coarse.mean() < MIN_FOREGROUND:
-        return {"background": background, "foreground": None, "shape": None}
+        return bg_rgb, None, None
     # the shape's color from its core: thin parts (star tips) are mostly edge pixels mixed with the background
     core = coarse & (distance >= np.median(distance[coarse]))
     fg_rgb = np.median(rgb[core], axis=0)
-    foreground = _nearest(fg_rgb, colors, exclude=background)
     # anti-aliased edge pixels count when closer to the shape's color: the area stays unbiased
     mask = np.linalg.norm(rgb - fg_rgb, axis=-1) < np.linalg.norm(rgb - bg_rgb, axis=-1)
+    return bg_rgb, fg_rgb, mask
+
+
+def judge(image: np.ndarray, colors=COLORS, shapes=SHAPES) -> dict:
+    """{"background", "foreground", "shape"} of an (H, W, 3) uint8 image; None where nothing is found.
+
+    The colors are the palette's nearest to _foreground's; the shape is the largest region of its mask, named by
+    its nearest SHAPE_FEATURES entry among `shapes`.
+    """
+    bg_rgb, fg_rgb, mask = _foreground(np.asarray(image, float)[..., :3], colors)
+    background = _nearest(bg_rgb, colors)
+    if fg_rgb is None:
+        return {"background": background, "foreground": None, "shape": None}
+    foreground = _nearest(fg_rgb, colors, exclude=background)
     if not mask.any():
         return {"background": background, "foreground": foreground, "shape": None}
     features = np.array(shape_features(_largest_component(mask)))
     shape = min(shapes, key=lambda s: np.sum((features - SHAPE_FEATURES[s]) ** 2))
     return {"background": background, "foreground": foreground, "shape": shape}
+
+
+# --- how well a shape is drawn: points, straight sides, stray spots ------------------------------
+
+POINT_PROMINENCE = 0.12  # of the largest radius: a square's corners rise 0.29 above its sides, a circle's noise < 0.05
+SIDE_TOLERANCE = 0.04  # a straight side stays within this fraction of its length (+ 1.5 px) of its chord; a side
+# bowed in by 7 % of its length measures 0.04-0.05 at 16-28 px radius
+SPOT_MIN_PIXELS = 3  # a blob of a third color this large is a stray spot; smaller is noise at the edge
+
+
+def _radial_profile(mask: np.ndarray, bins: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    """(centroid, r) with r[k] the farthest extent of `mask` from its centroid within 4° bins (pixel corners count,
+    so a one-pixel shape has a radius), then the max over each bin and its neighbours: a bin that no boundary
+    corner falls in would otherwise dip to an interior corner and read as a notch."""
+    ys, xs = np.nonzero(mask)
+    centre = np.array([xs.mean(), ys.mean()])
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)])
+    d = corners - centre
+    k = (np.degrees(np.arctan2(d[:, 1], d[:, 0])) % 360 * bins / 360).astype(int) % bins
+    r = np.zeros(bins)
+    np.maximum.at(r, k, np.hypot(d[:, 0], d[:, 1]))
+    filled = np.nonzero(r)[0]
+    r = np.interp(np.arange(bins), filled, r[filled], period=bins)
+    return centre, np.maximum.reduce([np.roll(r, -1), r, np.roll(r, 1)])
+
+
+def _peaks(r: np.ndarray, prominence: float) -> list[int]:
+    """Indices of the circular profile's peaks that rise and fall by `prominence` (hysteresis: pixel noise on a
+    side or an arc never counts as a corner)."""
+    start = int(np.argmin(r))
+    order = np.r_[np.arange(start, len(r)), np.arange(start)]
+    peaks, valley, top = [], r[start], None
+    for i in order:
+        if top is None:
+            if r[i] - valley >= prominence:
+                top = i
+            valley = min(valley, r[i])
+        elif r[i] > r[top]:
+            top = i
+        elif r[top] - r[i] >= prominence:
+            peaks.append(int(top))
+            top, valley = None, r[i]
+    if top is not None and r[top] - r[start] >= prominence:
+        peaks.append(int(top))
+    return sorted(peaks)
+
+
+def _side_bow(centre: np.ndarray, r: np.ndarray, peaks: list[int]) -> float:
+    """Largest inward distance of the outline from the chord between consecutive corners, over that chord's length,
+    less a 1.5 px allowance for pixelation: 0 for straight sides, ~0.1 and more for sides curved in."""
+    angles = np.radians(np.arange(len(r)) * 360 / len(r))
+    points = centre + r[:, None] * np.stack([np.cos(angles), np.sin(angles)], 1)
+    worst = 0.0
+    for a, b in zip(peaks, peaks[1:] + peaks[:1]):
+        span = np.arange(a, b if b > a else b + len(r)) % len(r)
+        p, q = points[a], points[b]
+        side = np.linalg.norm(q - p)
+        if side < 1:
+            continue
+        normal = np.array([p[1] - q[1], q[0] - p[0]]) / side  # points towards the centre for counter-clockwise a→b
+        if np.dot(centre - p, normal) < 0:
+            normal = -normal
+        inward = (points[span] - p) @ normal
+        worst = max(worst, (inward.max() - 1.5) / side)
+    return worst
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Every 4-connected region of `mask`, largest first."""
+    regions, rest = [], mask.copy()
+    while rest.any():
+        region = _largest_component(rest)
+        regions.append(region)
+        rest &= ~region
+    return regions
+
+
+def drawing(image: np.ndarray, colors=COLORS) -> dict:
+    """How the image's shape is drawn: {"points": corners of its outline (5 for a star, 3 for a triangle, 0 for a
+    circle), "side_bow": see _side_bow, "spots": blobs that are neither shape nor background}.
+
+    A spot is a region of at least SPOT_MIN_PIXELS pixels whose color is far from every mix of the shape's and the
+    background's colors (anti-aliased edges are such mixes), or a second patch of the shape's color away from the
+    shape. None everywhere when the judge finds no shape.
+    """
+    rgb = np.asarray(image, float)[..., :3]
+    bg_rgb, fg_rgb, mask = _foreground(rgb, colors)
+    if fg_rgb is None or not mask.any():
+        return {"points": None, "side_bow": None, "spots": None}
+    shape = _largest_component(mask)
+    centre, r = _radial_profile(shape)
+    peaks = _peaks(r, POINT_PROMINENCE * r.max())
+    # distance of each pixel from the segment bg → fg in RGB: edge pixels lie on it, a third color does not
+    axis = fg_rgb - bg_rgb
+    t = np.clip(((rgb - bg_rgb) @ axis) / max(axis @ axis, 1e-9), 0, 1)
+    off_axis = np.linalg.norm(rgb - (bg_rgb + t[..., None] * axis), axis=-1)
+    third = off_axis > 0.25 * max(np.linalg.norm(axis), 1.0) + 20
+    stray = third | (mask & ~shape)
+    blobs = [c for c in _components(stray) if c.sum() >= SPOT_MIN_PIXELS]
+    return {"points": len(peaks), "side_bow": _side_bow(centre, r, peaks) if len(peaks) >= 3 else None,
+            "spots": len(blobs)}
 
 
 # --- running a pipeline over the grammar --------------------------------------------------------
@@ -145,24 +257,36 @@ def _generate(pipe, jobs, *, sampler, steps, guidance_scale, batch_size, progres
         yield from out.images
 
 
-def _correct(prompt: Prompt, verdict: dict) -> dict[str, bool]:
+# the outline each shape's corners and sides must have: (corners, straight sides)
+OUTLINES = {"circle": (0, False), "square": (4, True), "triangle": (3, True), "star": (5, False), "cross": (4, False)}  # points = arms
+
+
+def _correct(prompt: Prompt, verdict: dict, drawn: dict | None = None) -> dict[str, bool]:
+    """Which parts of the prompt the image got right; with drawing()'s `drawn`, also "outline" (shape right, with
+    its number of corners and, for polygons, straight sides) and "spot_free"."""
     right = {key: verdict[key] == getattr(prompt, attr) for key, attr in _FIELDS.items()}
     right["all"] = all(right.values())
+    if drawn is not None:
+        corners, straight = OUTLINES[prompt.shape]
+        right["outline"] = (right["shape"] and drawn["points"] == corners
+                            and (not straight or drawn["side_bow"] <= SIDE_TOLERANCE))
+        right["spot_free"] = drawn["spots"] == 0
     return right
 
 
 def _accuracies(rows: list[dict[str, bool]]) -> dict | None:
     if not rows:
         return None
-    return {key: sum(r[key] for r in rows) / len(rows) for key in (*_FIELDS, "all")} | {"n": len(rows)}
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]} | {"n": len(rows)}
 
 
 def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batch_size=32,
              include_holdout=True, shapes=SHAPES, progress=False) -> dict:
     """Accuracy of `pipe` on every shapes caption, n_per_prompt images each (JSON-able dict).
 
-    "all" counts images with background, foreground color and shape all right; "seen" and
-    "held_out" split by whether the (color, shape) pair was in the training set. `shapes` picks the
+    "all" counts images with background, foreground color and shape all right; "outline" and "spot_free" judge
+    the drawing (see _correct); "seen" and "held_out" split by whether the (color, shape) pair was in the training
+    set; "by_shape" and "confusion" (prompted shape → judged shape: counts) split by shape. `shapes` picks the
     captions (e.g. ("cross",) after teaching a new shape); the judge always chooses among SHAPES too.
     """
     candidates = tuple(dict.fromkeys((*SHAPES, *shapes)))
@@ -170,7 +294,12 @@ def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batc
             if include_holdout or not p.held_out for k in range(n_per_prompt)]
     images = _generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                        batch_size=batch_size, progress=progress)
-    rows = [(p, _correct(p, judge(image, shapes=candidates))) for (p, _), image in zip(jobs, images)]
+    rows, confusion = [], {shape: {} for shape in shapes}
+    for (prompt, _), image in zip(jobs, images):
+        verdict = judge(image, shapes=candidates)
+        rows.append((prompt, _correct(prompt, verdict, drawing(image))))
+        judged = confusion[prompt.shape]
+        judged[str(verdict["shape"])] = judged.get(str(verdict["shape"]), 0) + 1
     return {
         "settings": {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
                      "n_per_prompt": n_per_prompt, "include_holdout": include_holdout, "shapes": list(shapes),
@@ -178,7 +307,21 @@ def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batc
         "overall": _accuracies([r for _, r in rows]),
         "seen": _accuracies([r for p, r in rows if not p.held_out]),
         "held_out": _accuracies([r for p, r in rows if p.held_out]),
+        "by_shape": {shape: _accuracies([r for p, r in rows if p.shape == shape]) for shape in shapes},
+        "confusion": confusion,
     }
+
+
+def confusion_table(result: dict) -> str:
+    """Markdown: prompted shape (rows) → judged shape (columns), from evaluate()'s "confusion"."""
+    judged = list(dict.fromkeys([*SHAPES, *(k for row in result["confusion"].values() for k in row)]))
+    lines = ["| prompted \\ judged | " + " | ".join(judged) + " | shape right | outline right | spot-free |",
+             "| --- |" + " ---: |" * (len(judged) + 3)]
+    for shape, row in result["confusion"].items():
+        acc = result["by_shape"][shape]
+        lines.append(f"| {shape} | " + " | ".join(str(row.get(j, 0)) for j in judged)
+                     + f" | {acc['shape']:.1%} | {acc['outline']:.1%} | {acc['spot_free']:.1%} |")
+    return "\n".join(lines)
 
 
 def sample_grid(pipe, *, sampler, steps, guidance_scale, seed=0, batch_size=32) -> Image.Image:

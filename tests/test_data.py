@@ -73,6 +73,9 @@ def test_caption_grammar():
     (["--n", "3", "--shapes", "circle,blob"], "unknown shape(s) blob"),
     (["--n", "3", "--colors", "red"], "at least two colors are needed"),
     (["--n", "3", "--colors", "red,pink=#ff69"], "color 'pink=#ff69' must look like name=#rrggbb"),
+    (["--n", "3", "--shape-weights", "triangle"], "shape weight 'triangle' must look like shape=number"),
+    (["--n", "3", "--shape-weights", "cross=2"], "a weight is given for 'cross', which is not among the shapes"),
+    (["--n", "3", "--shape-weights", "star=0"], "the weight of 'star' must be a positive number, got 0.0"),
 ])
 def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -81,6 +84,15 @@ def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2
     assert not out.exists()
     assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_shape_weights_draw_more_of_a_shape(tmp_path):
+    make_shapes(tmp_path / "even", 400, size=8)
+    make_shapes(tmp_path / "more", 400, size=8, shape_weights={"triangle": 3.0})
+    count = {name: sum("triangle" in text for _, text in scan_captioned_images(tmp_path / name))
+             for name in ("even", "more")}
+    # 1/4 of the images uniformly; 3/6 with the weight (holdout trims a few pairs): 100 ± 26 vs 200 ± 30 at 3 σ
+    assert 74 <= count["even"] <= 126 and 170 <= count["more"] <= 230
 
 
 def test_make_shapes_cli(tmp_path):

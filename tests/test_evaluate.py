@@ -1,11 +1,12 @@
 """The pixel judge on the generator's own images, and the eval-shapes driver on a stand-in pipeline."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from helpers import parse_caption
 from latentdiff import evaluate as ev
@@ -73,8 +74,11 @@ class FakePipe:
 
 def test_evaluate_scores_a_perfect_and_a_shape_blind_model():
     perfect = ev.evaluate(FakePipe(), n_per_prompt=1, sampler="ddim", steps=10, guidance_scale=3.0, batch_size=50)
-    assert perfect["overall"] == {"background": 1.0, "foreground": 1.0, "shape": 1.0, "all": 1.0, "n": 224}
+    assert perfect["overall"] == {"background": 1.0, "foreground": 1.0, "shape": 1.0, "all": 1.0, "outline": 1.0,
+                                  "spot_free": 1.0, "n": 224}
     assert perfect["seen"]["n"] == 196 and perfect["held_out"]["n"] == 28
+    assert perfect["confusion"] == {s: {s: 56} for s in SHAPES}
+    assert "| triangle | 0 | 0 | 56 | 0 | 100.0% | 100.0% | 100.0% |" in ev.confusion_table(perfect)
     assert perfect["settings"]["sampler"] == "ddim"
     json.dumps(perfect)
 
@@ -84,6 +88,54 @@ def test_evaluate_scores_a_perfect_and_a_shape_blind_model():
     assert blind["overall"]["shape"] == pytest.approx(blind["seen"]["shape"])
     assert blind["overall"]["shape"] == pytest.approx(sum(p == "circle" for p in _seen_shapes()) / 196)
     assert blind["overall"]["foreground"] == 1.0
+    assert blind["confusion"]["star"] == {"circle": 49} and blind["by_shape"]["star"]["outline"] == 0.0
+    assert blind["by_shape"]["circle"]["outline"] == 1.0
+
+
+def _draw(vertices, size=64, fg=(220, 20, 20), bg=(255, 255, 255)):
+    image = Image.new("RGB", (size * 4, size * 4), bg)
+    ImageDraw.Draw(image).polygon([(size * 2 + x * 4, size * 2 + y * 4) for x, y in vertices], fill=fg)
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def _bowed_triangle(r, bow):
+    """A triangle whose sides bulge in (bow < 0) or out by `bow` of their length at the middle."""
+    corners = [(r * math.cos(a), r * math.sin(a)) for a in np.radians([90, 210, 330])]
+    points = []
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
+        length, nx, ny = math.hypot(x1 - x0, y1 - y0), (y1 - y0), -(x1 - x0)  # outward normal (y down)
+        for t in np.linspace(0, 1, 20, endpoint=False):
+            bulge = 4 * t * (1 - t) * bow
+            points.append((x0 + t * (x1 - x0) + bulge * nx, y0 + t * (y1 - y0) + bulge * ny))
+    return points
+
+
+def test_drawing_counts_corners_and_measures_sides_on_the_generators_images():
+    rng = np.random.default_rng(0)
+    for shape, corners in (("circle", 0), ("square", 4), ("triangle", 3), ("star", 5), ("cross", 4)):
+        for _ in range(10):
+            drawn = ev.drawing(np.asarray(render("blue", shape, "yellow", rng)))
+            assert drawn["points"] == corners and drawn["spots"] == 0, (shape, drawn)
+            if shape in ("square", "triangle"):
+                assert drawn["side_bow"] <= ev.SIDE_TOLERANCE
+
+
+def test_drawing_tells_straight_from_concave_triangle_sides():
+    assert ev.drawing(_draw(_bowed_triangle(24, 0.0)))["side_bow"] <= ev.SIDE_TOLERANCE
+    concave = ev.drawing(_draw(_bowed_triangle(24, -0.12)))  # sides bowed in: a "three-pointed star"
+    assert concave["points"] == 3 and concave["side_bow"] > ev.SIDE_TOLERANCE
+
+
+def test_drawing_finds_stray_spots():
+    image = np.asarray(render("red", "circle", "white", np.random.default_rng(1))).copy()
+    assert ev.drawing(image)["spots"] == 0
+    corner = image.copy()
+    corner[58:61, 2:4] = (20, 170, 40)  # a 6-pixel green blob: neither red, white nor a mix of them
+    assert ev.drawing(corner)["spots"] == 1
+    island = image.copy()
+    island[1:3, 60:62] = (220, 20, 20)  # a patch of the shape's color away from the shape
+    assert ev.drawing(island)["spots"] == 1
+    assert ev.judge(corner) == ev.judge(island) == ev.judge(image)  # the verdict itself does not change
 
 
 def _seen_shapes():

@@ -119,6 +119,34 @@ def test_vae_run_sets_scaling_factor(tiny_vae, shapes):
         assert scaled.std().item() == pytest.approx(1.0, abs=0.03)
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space(tiny_vae, shapes, tmp_path):
+    """--decoder-only goes on from a trained VAE and changes its decoder alone: encoder, quant_conv and
+    scaling_factor stay bit for bit, so the UNet trained on those latents still fits."""
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "ft"
+    assert vae_main(["--vae", str(tiny_vae), "--decoder-only", "--data", str(shapes), "--output-dir", str(out),
+                     "--resolution", "32", "--batch-size", "8", "--max-steps", "3", "--num-workers", "0",
+                     "--checkpoint-every", "0", "--lr", "1e-3"]) == 0
+    before, after = AutoencoderKL.from_pretrained(tiny_vae), AutoencoderKL.from_pretrained(out / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not all(torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decoder-only"], "--decoder-only fine-tunes the decoder of a trained VAE"),
+    (["--vae", "VAE"], "give exactly one of --model-config"),
+])
+def test_vae_run_refuses_ambiguous_starts(tiny_config, tiny_vae, shapes, tmp_path, capsys, args, message):
+    args = [str(tiny_vae) if a == "VAE" else a for a in args]
+    assert vae_main(["--model-config", str(tiny_config), "--data", str(shapes), "--output-dir", str(tmp_path / "o"),
+                     *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_from_scratch_run_saves_a_loadable_pipeline(shapes, tiny_config, tiny_vae, tmp_path):
     from PIL import Image
 

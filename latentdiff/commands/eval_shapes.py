@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import DEFAULTS
 from ..data.shapes import SHAPE_DRAWERS, SHAPES
 from ..errors import ModelError
-from ..evaluate import SWEEP_SAMPLERS, SWEEP_STEPS, evaluate, sample_grid, sweep_table
+from ..evaluate import SWEEP_SAMPLERS, SWEEP_STEPS, confusion_table, evaluate, sample_grid, sweep_table
 from ..files import atomic_write_text
 from ..pipeline import load_pipeline
 from ..pngmeta import write_png
@@ -79,6 +79,7 @@ def main(argv: list[str]) -> int:
     else:
         result = evaluate(pipe, sampler=args.sampler, steps=args.steps, **common)
         print(json.dumps(result, indent=2))
+        print(confusion_table(result), file=sys.stderr)  # stdout stays one JSON document
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     if args.grid:

@@ -25,6 +25,18 @@ def _parse_colors(spec: str) -> dict[str, tuple[int, int, int]]:
     return colors
 
 
+def _parse_weights(spec: str) -> dict[str, float]:
+    """`triangle=2,square=1.5` → {"triangle": 2.0, "square": 1.5}."""
+    weights = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"shape weight {item!r} must look like shape=number.") from None
+    return weights
+
+
 def main(argv: list[str]) -> int:
     """`latentdiff make-shapes OUTDIR --n N ...`; bad arguments exit 2 before anything is written."""
     parser = argparse.ArgumentParser(prog="latentdiff make-shapes", description=make_shapes.__doc__.splitlines()[0])
@@ -35,17 +47,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--colors", default=",".join(COLORS), help="comma list; new ones as name=#rrggbb")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from {', '.join(SHAPE_DRAWERS)}")
     parser.add_argument("--include-holdout", action="store_true", help="also draw the held-out (color, shape) pairs")
+    parser.add_argument("--shape-weights", default="",
+                        help="comma list shape=weight (default 1 each): e.g. triangle=2 draws twice as many triangles")
     args = parser.parse_args(argv)
     try:
         colors = _parse_colors(args.colors)
         shapes = tuple(filter(None, args.shapes.split(",")))
+        weights = _parse_weights(args.shape_weights)
         check_args(args.n, args.size, colors, shapes,
-                   allowed_pairs(colors, shapes, HOLDOUT, args.include_holdout))
+                   allowed_pairs(colors, shapes, HOLDOUT, args.include_holdout), weights)
     except ValueError as err:
         parser.error(str(err))  # exits 2
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         parser.error(f"{args.outdir} exists and is not a directory.")
     written = make_shapes(args.outdir, args.n, args.seed, size=args.size, colors=colors, shapes=shapes,
-                          include_holdout=args.include_holdout)
+                          include_holdout=args.include_holdout, shape_weights=weights)
     print(f"wrote {written} images and metadata.jsonl to {args.outdir}")
     return 0

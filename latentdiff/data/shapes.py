@@ -122,7 +122,7 @@ def allowed_pairs(colors, shapes, holdout, include_holdout) -> list[tuple[str, s
     return [(c, s) for c in colors for s in shapes if include_holdout or (c, s) not in held]
 
 
-def check_args(n, size, colors, shapes, pairs) -> None:
+def check_args(n, size, colors, shapes, pairs, shape_weights=None) -> None:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     if size < 8:
@@ -134,24 +134,34 @@ def check_args(n, size, colors, shapes, pairs) -> None:
         raise ValueError(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPE_DRAWERS)}.")
     if not pairs:
         raise ValueError("every (color, shape) pair is held out: nothing to generate.")
+    for shape, weight in (shape_weights or {}).items():
+        if shape not in shapes:
+            raise ValueError(f"a weight is given for {shape!r}, which is not among the shapes {', '.join(shapes)}.")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"the weight of {shape!r} must be a positive number, got {weight}.")
 
 
 def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes=SHAPES,
-                holdout=HOLDOUT, include_holdout=False) -> int:
+                holdout=HOLDOUT, include_holdout=False, shape_weights: dict[str, float] | None = None) -> int:
     """Write `n` images + metadata.jsonl (diffusers imagefolder layout) to `outdir`; returns n.
 
-    Image i depends only on (seed, i), so a rerun rewrites identical bytes. metadata.jsonl is
-    removed first and written last: a folder without it is an unfinished run.
+    (color, shape) pairs are drawn uniformly, or in proportion to `shape_weights` (default 1 per shape): more of
+    the shapes a model finds hard. Image i depends only on (seed, i), so a rerun rewrites identical bytes.
+    metadata.jsonl is removed first and written last: a folder without it is an unfinished run.
     """
     pairs = allowed_pairs(colors, shapes, holdout, include_holdout)
-    check_args(n, size, colors, shapes, pairs)
+    check_args(n, size, colors, shapes, pairs, shape_weights)
+    p = None
+    if shape_weights:
+        weights = np.array([shape_weights.get(shape, 1.0) for _, shape in pairs])
+        p = weights / weights.sum()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "metadata.jsonl").unlink(missing_ok=True)
     lines = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        color, shape = pairs[rng.integers(len(pairs))]
+        color, shape = pairs[rng.integers(len(pairs)) if p is None else rng.choice(len(pairs), p=p)]
         backgrounds = [b for b in colors if b != color]
         background = backgrounds[rng.integers(len(backgrounds))]
         image = render(color, shape, background, rng, size=size, colors=colors)

@@ -166,16 +166,24 @@ class VAETrainConfig(RunConfig):
     """AutoencoderKL from scratch: reconstruction + β·KL (Kingma & Welling 2014; β small as in LDM)."""
 
     model_config: str | None = None  # an AutoencoderKL config.json, or a folder holding vae/config.json
+    vae: str | None = None  # a trained AutoencoderKL folder to go on from, instead of model_config's random init
+    # Fine-tune only the decoder (+ post_quant_conv) of `vae`: the encoder, so the latent space and scaling_factor,
+    # stay as they are and a UNet trained on them keeps working (as SD's ft-MSE VAE decoder).
+    decoder_only: bool = False
     reconstruction: str = "l1"  # l1 | l2
     kl_weight: float = 1e-6
     scale_samples: int = 512  # images encoded at the end to set scaling_factor = 1/std(latents)
 
     def validate(self) -> None:
         super().validate()
-        if self.model_config is None:
-            raise ConfigError("no VAE config given; pass --model-config (a config.json or a folder with vae/config.json).")
-        if not Path(self.model_config).exists():
-            raise ConfigError(f"--model-config {self.model_config} does not exist.")
+        if (self.model_config is None) == (self.vae is None):
+            raise ConfigError("give exactly one of --model-config (a config.json or a folder with vae/config.json: from "
+                              "scratch) or --vae (a trained AutoencoderKL folder to go on from).")
+        for name in ("model_config", "vae"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).exists():
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} does not exist.")
+        if self.decoder_only and self.vae is None:
+            raise ConfigError("--decoder-only fine-tunes the decoder of a trained VAE; give that VAE with --vae.")
         _one_of("reconstruction", self.reconstruction, ("l1", "l2"))
         if self.kl_weight < 0:
             raise ConfigError(f"kl_weight must not be negative, got {self.kl_weight}.")

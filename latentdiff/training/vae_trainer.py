@@ -23,20 +23,31 @@ from latentdiff.vae import posterior, sample_posterior
 
 
 class Autoencoder(nn.Module):
-    """Encode → sample z → decode in one forward, so DDP sees the whole graph; returns (x̂, posterior)."""
+    """Encode → sample z → decode in one forward, so DDP sees the whole graph; returns (x̂, posterior).
+    With a frozen encoder, encoding builds no graph."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, decoder_only: bool = False):
         super().__init__()
         self.vae = vae
+        self.decoder_only = decoder_only
+        for module in (vae.encoder, vae.quant_conv) if decoder_only else ():
+            if module is not None:
+                module.requires_grad_(False)
 
     def forward(self, x, generator):  # (B, 3, H, W) → (B, 3, H, W)
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(x).latent_dist
         return self.vae.decode(posterior.sample(generator)).sample, posterior
 
 
 def load_vae(config: VAETrainConfig):
     from diffusers import AutoencoderKL
 
+    if config.vae is not None:
+        try:
+            return AutoencoderKL.from_pretrained(config.vae, torch_dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load an AutoencoderKL from {config.vae}: {str(e).rstrip('.')}.") from None
     path = Path(config.model_config)
     if path.is_dir() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
@@ -56,8 +67,8 @@ def train_vae(config: VAETrainConfig) -> Path:
     resume_from = resolve_resume(config)
     device = accelerator.device
 
-    model = Autoencoder(vae).train()
-    params = list(model.parameters())
+    model = Autoencoder(vae, config.decoder_only).train()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     out_dir = prepare_output_dir(accelerator, config)
@@ -82,14 +93,15 @@ def train_vae(config: VAETrainConfig) -> Path:
         if not accelerator.is_main_process:
             return
         check_weights(config.max_steps, params, str(out))
-        std = latent_std(vae, dataset, config.scale_samples, config.batch_size, config.seed)
-        if not math.isfinite(std) or std <= 0:
-            raise TrainingError(f"the latents' std is {std}, so {out} was not written; the VAE has collapsed or "
-                                "diverged — lower --lr or raise --kl-weight.")
-        vae.register_to_config(scaling_factor=1.0 / std)
+        if not config.decoder_only:  # a frozen encoder keeps the latent space its UNet was trained on, scale included
+            std = latent_std(vae, dataset, config.scale_samples, config.batch_size, config.seed)
+            if not math.isfinite(std) or std <= 0:
+                raise TrainingError(f"the latents' std is {std}, so {out} was not written; the VAE has collapsed or "
+                                    "diverged — lower --lr or raise --kl-weight.")
+            vae.register_to_config(scaling_factor=1.0 / std)
+            print(f"latent std {std:.4f} → scaling_factor {1 / std:.5f}")
         with writing(out, "save the VAE to"), atomic_dir(out) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
-        print(f"latent std {std:.4f} → scaling_factor {1 / std:.5f}")
         summary(config, items, missing, out)
 
     together(accelerator, save)

@@ -9,13 +9,16 @@ seen in training and held out of it.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPE_DRAWERS, SHAPES, STAR_INNER_RATIO, Prompt,
-                          all_prompts, caption)
+                          all_prompts, caption, parse_caption, render)
+from .pipeline import to_output
 from .schedulers import SAMPLERS
 
 # Rotation-invariant features (solidity, fill) of each ideal shape, from its geometry:
@@ -259,6 +262,23 @@ def _generate(pipe, jobs, *, sampler, steps, guidance_scale, batch_size, progres
 
 # the outline each shape's corners and sides must have: (corners, straight sides)
 OUTLINES = {"circle": (0, False), "square": (4, True), "triangle": (3, True), "star": (5, False), "cross": (4, False)}  # points = arms
+
+
+class VAERoundTrip:
+    """Stands in for a pipeline in evaluate(): draws each caption with the dataset's own renderer (from the image's
+    seed) and returns it encoded and decoded by `pipe`'s VAE, so the judge scores the VAE alone: what the best
+    possible UNet could reach through this decoder."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, prompts, *, seed, output_type, **_):
+        images = [np.asarray(render(*parse_caption(text), np.random.default_rng(s))) for text, s in zip(prompts, seed)]
+        pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        generators = [torch.Generator().manual_seed(s) for s in seed]
+        with torch.no_grad():
+            decoded = self.pipe.decode(self.pipe.encode(pixels.to(self.pipe.device, self.pipe.vae.dtype), generators))
+        return SimpleNamespace(images=to_output(decoded, output_type))
 
 
 def _correct(prompt: Prompt, verdict: dict, drawn: dict | None = None) -> dict[str, bool]:

@@ -1,15 +1,5 @@
 """Small helpers shared by several test files."""
-import re
-
-_CAPTION = re.compile(r"a (\S+) (\S+) on a (\S+) background")
-
-
-def parse_caption(text: str) -> tuple[str, str, str]:
-    """(color, shape, background) of a shapes caption; ValueError if `text` is off-grammar."""
-    match = _CAPTION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"caption {text!r} does not match 'a {{color}} {{shape}} on a {{background}} background'.")
-    return match.group(1), match.group(2), match.group(3)
+from latentdiff.data.shapes import parse_caption  # noqa: F401  (re-exported for the tests)
 
 
 def random_lora_file(model_dir, path):

@@ -90,6 +90,17 @@ def test_vae_loss_is_reconstruction_plus_weighted_kl():
     torch.testing.assert_close(total2, rec2 + 0.5 * kl_expected, atol=1e-6, rtol=1e-5)
 
 
+def test_vae_worst_pixel_term_is_the_mean_of_each_images_worst_errors():
+    recon, x = torch.zeros(2, 3, 20, 20), torch.zeros(2, 3, 20, 20)  # 400 pixels: the worst 1 % are 4
+    recon[0, :, 0, :4] = 1.0  # image 0: four pixels wrong by 1 in every channel (a spot)
+    recon[1, 0, 5, 5] = 3.0  # image 1: one pixel wrong by 3 in one channel → per-pixel error 1
+    post = posterior()
+    total, rec, kl = vae_loss(recon, x, post, 0.0, worst_weight=0.5)
+    torch.testing.assert_close(rec, recon.abs().mean())
+    worst = (1.0 + 0.25) / 2  # image 0: mean of four 1s; image 1: mean of (1, 0, 0, 0)
+    torch.testing.assert_close(total, rec + 0.5 * torch.tensor(worst))
+
+
 def test_min_snr_weights_follow_the_predictions_device():
     pred = torch.zeros(3, 4, 2, 2, device="meta")  # timesteps on the CPU, predictions elsewhere
     loss = diffusion_loss(pred, pred, pred, T, AC, "epsilon", snr_gamma=5.0)

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..config import DEFAULTS
 from ..data.shapes import SHAPE_DRAWERS, SHAPES
 from ..errors import ModelError
-from ..evaluate import SWEEP_SAMPLERS, SWEEP_STEPS, confusion_table, evaluate, sample_grid, sweep_table
+from ..evaluate import (SWEEP_SAMPLERS, SWEEP_STEPS, VAERoundTrip, confusion_table, evaluate, sample_grid,
+                        sweep_table)
 from ..files import atomic_write_text
 from ..pipeline import load_pipeline
 from ..pngmeta import write_png
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     parser.add_argument("--out", help="write the JSON here")
     parser.add_argument("--grid", help="write a labelled sample grid PNG here")
+    parser.add_argument("--vae-only", action="store_true",
+                        help="judge the VAE alone: each caption drawn by the dataset's renderer, encoded and decoded")
     parser.add_argument("--sweep", action="store_true",
                         help=f"samplers {','.join(SWEEP_SAMPLERS)} x steps {','.join(map(str, SWEEP_STEPS))}: "
                              "print a markdown table")
@@ -56,6 +59,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"model path {args.model} does not exist.")
     if args.lora is not None and not Path(args.lora).is_file():
         parser.error(f"LoRA file {args.lora} does not exist.")
+    if args.vae_only and args.sweep:
+        parser.error("--vae-only judges the VAE alone: it has no sampler or steps to --sweep.")
     shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
     unknown = [s for s in shapes if s not in SHAPE_DRAWERS]
     if not shapes or unknown:
@@ -70,6 +75,8 @@ def main(argv: list[str]) -> int:
         return 2
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)
+    if args.vae_only:
+        pipe = VAERoundTrip(pipe)
     common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed, shapes=shapes,
                   batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True)
     if args.sweep:

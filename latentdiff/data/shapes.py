@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -84,6 +85,17 @@ class Prompt(NamedTuple):
 
 def caption(color: str, shape: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
+
+
+_CAPTION = re.compile(r"a (\S+) (\S+) on a (\S+) background")
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """(color, shape, background) of a shapes caption; ValueError if `text` is off-grammar."""
+    match = _CAPTION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"caption {text!r} does not match 'a {{color}} {{shape}} on a {{background}} background'.")
+    return match.group(1), match.group(2), match.group(3)
 
 
 def all_prompts(include_holdout: bool = True, *, colors=COLORS, shapes=SHAPES, holdout=HOLDOUT) -> list[Prompt]:

@@ -171,6 +171,7 @@ class VAETrainConfig(RunConfig):
     # stay as they are and a UNet trained on them keeps working (as SD's ft-MSE VAE decoder).
     decoder_only: bool = False
     reconstruction: str = "l1"  # l1 | l2
+    worst_weight: float = 0.0  # weight of the mean error of each image's worst 1 % of pixels (losses.vae_loss)
     kl_weight: float = 1e-6
     scale_samples: int = 512  # images encoded at the end to set scaling_factor = 1/std(latents)
 
@@ -185,8 +186,9 @@ class VAETrainConfig(RunConfig):
         if self.decoder_only and self.vae is None:
             raise ConfigError("--decoder-only fine-tunes the decoder of a trained VAE; give that VAE with --vae.")
         _one_of("reconstruction", self.reconstruction, ("l1", "l2"))
-        if self.kl_weight < 0:
-            raise ConfigError(f"kl_weight must not be negative, got {self.kl_weight}.")
+        for name in ("kl_weight", "worst_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.scale_samples < 1:
             raise ConfigError(f"scale_samples must be at least 1, got {self.scale_samples}.")
 

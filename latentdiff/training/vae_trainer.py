@@ -82,7 +82,7 @@ def train_vae(config: VAETrainConfig) -> Path:
     def loss_fn(batch, gen):
         x = batch["pixel_values"].to(device)
         recon, posterior = model(x, gen)
-        return vae_loss(recon, x, posterior, config.kl_weight, config.reconstruction)[0]
+        return vae_loss(recon, x, posterior, config.kl_weight, config.reconstruction, config.worst_weight)[0]
 
     missing = train_loop(accelerator, config, model, optimizer, params, sampler, loader, start_step, loss_fn,
                          lambda step: None, "train-vae")

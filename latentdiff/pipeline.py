@@ -17,6 +17,7 @@ from .config import DEFAULTS
 from .devices import default_device
 from .errors import ModelError
 from .files import atomic_dir, file_sha256
+from .adapters.lora import Loras, adapter_name, find_lora, lora_tags
 from .guidance import cfg_combine, rescale_guidance
 from .optimize import optimize_for_inference
 from .precision import component_dtypes
@@ -52,6 +53,7 @@ class LatentDiffusionPipeline:
         self.source = source  # file or folder the weights came from (for the PNG "Model hash")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.denoiser = EagerUNet(unet)  # ε(x_t, t, context); optimize.py may swap in CUDA-graph replay
+        self.loras = Loras(unet, text_encoder)
         self._hash: str | None = None
 
     # ---------------------------------------------------------------- loading and saving
@@ -136,12 +138,36 @@ class LatentDiffusionPipeline:
             model.eval().requires_grad_(False)
         return self
 
-    def load_lora(self, path, scale: float = 1.0) -> None:
-        """Apply LoRA adapters saved by `latentdiff train --lora-rank N` (diffusers' load_lora_weights layout)."""
-        from .adapters import load_lora
-
-        load_lora(self.unet, self.text_encoder, path, scale=scale)
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file (latentdiff's, diffusers' or kohya/A1111's layout) as adapter `name` (default: from the
+        file name) at `scale`, beside those already loaded; returns its name."""
+        name = self.loras.load(path, scale=scale, name=name)
         self.denoiser.reset()  # new layers in the UNet: captured graphs would not run them
+        return name
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Change loaded LoRAs' scales ({name: scale}); nothing is reloaded or merged."""
+        self.loras.set_scales(scales)
+
+    def unload_lora(self, name: str) -> None:
+        self.loras.unload(name)
+        self.denoiser.reset()
+
+    def prompt_loras(self, prompts: list[str], lora_dir=None) -> tuple[list[str], dict[str, float]]:
+        """(prompts without their `<lora:name:w>` tags, {name: w}); tagged LoRAs not loaded yet are loaded from
+        `lora_dir` (at scale 0 outside the generations that name them). Every prompt of one call must name the
+        same LoRAs: they apply to the whole batch."""
+        parsed = [lora_tags(p) for p in prompts]
+        tags = parsed[0][1] if parsed else {}
+        if any(t != tags for _, t in parsed):
+            raise ValueError("the prompts of one call name different <lora:…> tags; generate them in separate calls.")
+        for name in tags:
+            if adapter_name(name) not in self.loras.files:
+                if lora_dir is None:
+                    raise ValueError(f"the prompt names <lora:{name}>, which is not loaded; give lora_dir= (the "
+                                     "folder of LoRA files) or load it first with load_lora().")
+                self.load_lora(find_lora(name, lora_dir), scale=0.0, name=name)
+        return [p for p, _ in parsed], {adapter_name(n): w for n, w in tags.items()}
 
     @property
     def device(self) -> torch.device:
@@ -190,57 +216,63 @@ class LatentDiffusionPipeline:
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        lora_dir: str | Path | None = None,
     ) -> GenerationOutput:
         """Text to image; with `image`, image-to-image; with `image` and `mask_image`, inpainting.
 
         check → generators → encode prompts → initial latents (noise, or the init latents noised to `strength`) →
         denoise (inpainting: the 9-channel UNet sees the mask, a regular one gets the kept region blended back in
-        every step) → decode (→ the original pixels pasted back outside the feathered mask).
+        every step) → decode (→ the original pixels pasted back outside the feathered mask). A1111's `<lora:name:w>`
+        tags in the prompts apply those LoRAs (from `lora_dir`, see prompt_loras) to this call only.
         """
-        if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
-            prompt = [""] * len(prompt_embeds)
-        prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
-        init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
-                                  height, width, strength, mask_blur)
-        height, width = self.check_size(height, width) if init is None else init.size
-        check_steps_and_output(num_inference_steps, output_type)
-        start = 0 if init is None else start_index(num_inference_steps, init.strength)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number (≤ 1 turns guidance off), got {guidance_scale!r}")
-        self.check_unet(inpainting=init is not None and init.mask is not None)
-        if not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be between 0 and 1 (Lin et al. 2023's φ), got {guidance_rescale!r}")
-        scheduler = get_sampler(sampler, self.schedule, scheduler, eta=eta)
-        seeds, generators = make_generators(len(prompts), seed, generator)
-        do_cfg = guidance_scale > 1.0
-        if prompt_embeds is None:
-            context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip)
-        else:
-            context = self.embeds_context(prompt_embeds, negative_prompt_embeds, negatives, num_images_per_prompt,
-                                          do_cfg, clip_skip)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        condition = blend = None
-        if init is None:
-            latents = self.prepare_latents(len(prompts), height, width, generators, scheduler, latents)
-        else:
-            latents, condition, blend = self.prepare_init_latents(init, generators, scheduler, start, latents)
+        texts, tags = [prompt] if isinstance(prompt, str) else prompt, {}
+        if isinstance(texts, (list, tuple)) and all(isinstance(p, str) for p in texts) and "<lora:" in "".join(texts):
+            prompt, tags = self.prompt_loras(list(texts), lora_dir)
+        with self.loras.scaled(tags):
+            if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
+                prompt = [""] * len(prompt_embeds)
+            prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
+            init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
+                                      height, width, strength, mask_blur)
+            height, width = self.check_size(height, width) if init is None else init.size
+            check_steps_and_output(num_inference_steps, output_type)
+            start = 0 if init is None else start_index(num_inference_steps, init.strength)
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be a finite number (≤ 1 turns guidance off), got {guidance_scale!r}")
+            self.check_unet(inpainting=init is not None and init.mask is not None)
+            if not 0 <= guidance_rescale <= 1:
+                raise ValueError(f"guidance_rescale must be between 0 and 1 (Lin et al. 2023's φ), got {guidance_rescale!r}")
+            scheduler = get_sampler(sampler, self.schedule, scheduler, eta=eta)
+            seeds, generators = make_generators(len(prompts), seed, generator)
+            do_cfg = guidance_scale > 1.0
+            if prompt_embeds is None:
+                context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip)
+            else:
+                context = self.embeds_context(prompt_embeds, negative_prompt_embeds, negatives, num_images_per_prompt,
+                                              do_cfg, clip_skip)
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+            condition = blend = None
+            if init is None:
+                latents = self.prepare_latents(len(prompts), height, width, generators, scheduler, latents)
+            else:
+                latents, condition, blend = self.prepare_init_latents(init, generators, scheduler, start, latents)
 
-        def on_step(i, t, x):
-            x = blend(i, t, x) if blend else x
-            if callback:
-                callback(i, int(t), x)
-            return x
+            def on_step(i, t, x):
+                x = blend(i, t, x) if blend else x
+                if callback:
+                    callback(i, int(t), x)
+                return x
 
-        latents = self.denoise(latents, context, scheduler, guidance_scale, generators, start=start, condition=condition,
-                               on_step=on_step if blend or callback else None, progress=progress,
-                               guidance_rescale=guidance_rescale)
-        check_latents(latents)
-        if output_type == "latents":
-            return GenerationOutput(latents, seeds)
-        pixels = self.decode(latents)
-        if init is not None and init.mask is not None:
-            pixels = images.paste_back(pixels, init.pixels.to(pixels.device), init.mask.to(pixels.device))
-        return GenerationOutput(to_output(pixels, output_type), seeds)
+            latents = self.denoise(latents, context, scheduler, guidance_scale, generators, start=start, condition=condition,
+                                   on_step=on_step if blend or callback else None, progress=progress,
+                                   guidance_rescale=guidance_rescale)
+            check_latents(latents)
+            if output_type == "latents":
+                return GenerationOutput(latents, seeds)
+            pixels = self.decode(latents)
+            if init is not None and init.mask is not None:
+                pixels = images.paste_back(pixels, init.pixels.to(pixels.device), init.mask.to(pixels.device))
+            return GenerationOutput(to_output(pixels, output_type), seeds)
 
     def check_inputs(self, prompt, negative_prompt, num_images_per_prompt: int) -> tuple[list[str], list[str]]:
         """Prompts and negative prompts, one per image."""

@@ -2,9 +2,10 @@
 from latentdiff.data.shapes import parse_caption  # noqa: F401  (re-exported for the tests)
 
 
-def random_lora_file(model_dir, path):
-    """A UNet LoRA (rank 4 on to_q/to_v, B drawn at random so it changes the output) for the model in `model_dir`,
-    saved the way the trainer saves one; returns `path`."""
+def random_lora_file(model_dir, path, *, seed: int = 0, text_encoder: bool = False):
+    """A LoRA (rank 4 on the UNet's to_q/to_v, and with `text_encoder` on its q_proj/v_proj; B drawn at random from
+    `seed`, so it changes the output) for the model in `model_dir`, saved the way the trainer saves one; returns
+    `path`."""
     import torch
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
@@ -14,10 +15,19 @@ def random_lora_file(model_dir, path):
 
     donor = load_pipeline(model_dir, device="cpu", precision="fp32", optimize=False)
     donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    models = [donor.unet]
+    if text_encoder:
+        donor.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                                  target_modules=["q_proj", "v_proj"]))
+        models.append(donor.text_encoder)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in donor.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True,
-                                              unet_lora_layers=get_peft_model_state_dict(donor.unet))
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=generator)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(donor.unet)}
+    if text_encoder:
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(donor.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
     return path

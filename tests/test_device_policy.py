@@ -95,9 +95,9 @@ def test_lora_loaded_scaled_or_merged_after_capture_takes_effect(graphed, tiny_m
     graphed.load_lora(lora, scale=1.0)
     with_lora = _image(graphed)
     assert (with_lora - plain).abs().max() > 1e-3, "the LoRA loaded after capture changes the image"
-    graphed.unet.set_adapters(["lora"], weights=[0.0])  # a scale change through peft directly
+    graphed.set_lora_scales({"l": 0.0})  # a scale change: peft's layer scaling, no new layers
     torch.testing.assert_close(_image(graphed), plain, atol=1e-5, rtol=0)
-    graphed.unet.set_adapters(["lora"], weights=[1.0])
+    graphed.set_lora_scales({"l": 1.0})
     graphed.unet.fuse_lora() if hasattr(graphed.unet, "fuse_lora") else None
     for m in graphed.unet.modules():  # a merge writes the weights in place and turns the adapter path off
         if hasattr(m, "merge") and hasattr(m, "merged") and not m.merged:

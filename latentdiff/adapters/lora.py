@@ -1,24 +1,147 @@
-"""Loading LoRA adapters (Hu et al. 2021) into a model for inference, through diffusers' loaders and peft.
+"""LoRA adapters (Hu et al. 2021) on a model for inference: several at once, by name, each with its own scale.
 
-Reads the layout diffusers' `StableDiffusionPipeline.load_lora_weights` reads: latentdiff's own files
-(peft `lora_A`/`lora_B` keys with the LoraConfig in the metadata) and the community layouts diffusers converts.
+Files are read the way diffusers' `StableDiffusionPipeline.load_lora_weights` reads them: latentdiff's own files
+(peft `lora_A`/`lora_B` keys with the LoraConfig in the metadata) and the community layouts diffusers converts
+(kohya/A1111 `lora_unet_…`/`lora_te_…` with `.alpha`). Each file becomes one named peft adapter in the UNet and
+text encoder; a scale change only sets each layer's scaling (peft `set_adapters`), nothing is merged or reloaded.
+
+A1111's prompt tags `<lora:name:weight>` name files in a LoRA folder; `lora_tags` takes them out of the text.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 from pathlib import Path
 
+LORA_SUFFIXES = (".safetensors",)
+_TAG = re.compile(r"<lora:([^>]*)>")
+_NAME = re.compile(r"[^0-9A-Za-z_-]+")
 
-def load_lora(unet, text_encoder, path, scale: float = 1.0, adapter_name: str = "lora") -> None:
-    """Load a LoRA file into the models, its output scaled by `scale`."""
-    from diffusers import StableDiffusionPipeline
 
-    path = Path(path)
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
-                                                                       return_lora_metadata=True)
-    # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes
-    if any(k.startswith("unet.") for k in state):
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=adapter_name, metadata=metadata)
-        unet.set_adapters([adapter_name], weights=[scale])
-    if text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, lora_scale=scale,
-                                                            adapter_name=adapter_name, metadata=metadata)
+def adapter_name(name: str) -> str:
+    """A peft-safe adapter name (no dots: they are module paths) from a file stem or a tag."""
+    return _NAME.sub("_", name).strip("_") or "lora"
+
+
+def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
+    """(prompt without its `<lora:name>` / `<lora:name:weight>` tags, {name: weight}), as A1111 reads them."""
+    tags: dict[str, float] = {}
+    for body in _TAG.findall(prompt):
+        name, *weights = body.split(":")
+        if not name or len(weights) > 1:
+            raise ValueError(f"prompt tag <lora:{body}> must look like <lora:name> or <lora:name:weight>.")
+        try:
+            weight = float(weights[0]) if weights else 1.0
+        except ValueError:
+            raise ValueError(f"prompt tag <lora:{body}> has a weight that is not a number.") from None
+        if tags.get(name, weight) != weight:
+            raise ValueError(f"the prompt names LoRA {name!r} twice with different weights.")
+        tags[name] = weight
+    return re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip(" ,"), tags
+
+
+def find_lora(name: str, folder) -> Path:
+    """The file `name`.safetensors in `folder` or a subfolder (as A1111's LoRA folder); ValueError if none."""
+    folder = Path(folder)
+    for suffix in LORA_SUFFIXES:
+        found = sorted(folder.rglob(f"{name}{suffix}"))
+        if found:
+            return found[0]
+    raise ValueError(f"no LoRA named {name!r} in {folder} (expected {name}.safetensors there).")
+
+
+def lora_hash(path) -> str:
+    """A1111's short LoRA hash for `Lora hashes:`: the first 12 hex digits of the sha256 of a safetensors file's
+    tensor bytes (after its header, kohya's "addnet" hash, so metadata edits keep it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+class Loras:
+    """The LoRA files loaded into one UNet and text encoder: name → (file, scale)."""
+
+    def __init__(self, unet, text_encoder):
+        self.unet, self.text_encoder = unet, text_encoder
+        self.files: dict[str, Path] = {}
+        self.scales: dict[str, float] = {}
+        self._in_unet: set[str] = set()
+        self._in_text_encoder: set[str] = set()
+
+    def load(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Load one file as adapter `name` (default: from the file name); returns the name."""
+        from diffusers import StableDiffusionPipeline
+
+        path = Path(path)
+        name = adapter_name(name or path.stem)
+        if name in self.files:
+            raise ValueError(f"a LoRA named {name!r} is already loaded (from {self.files[name]}); unload it or "
+                             "give this one another name.")
+        if not path.is_file():
+            raise ValueError(f"LoRA file {path} does not exist.")
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                                           return_lora_metadata=True)
+        # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes
+        if any(k.startswith("unet.") for k in state):
+            StableDiffusionPipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name, metadata=metadata)
+            self._in_unet.add(name)
+        if self.text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, self.text_encoder, adapter_name=name,
+                                                                metadata=metadata)
+            self._in_text_encoder.add(name)
+        if name not in self._in_unet | self._in_text_encoder:
+            raise ValueError(f"{path} holds no LoRA weights for a UNet or text encoder.")
+        self.files[name], self.scales[name] = path, float(scale)
+        self._apply(self.scales)
+        return name
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        self._check_loaded(scales)
+        self.scales |= {name: float(s) for name, s in scales.items()}
+        self._apply(self.scales)
+
+    def unload(self, name: str) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        self._check_loaded([name])
+        if name in self._in_unet:
+            self.unet.delete_adapters(name)
+        if name in self._in_text_encoder:
+            delete_adapter_layers(self.text_encoder, name)
+        for registry in (self.files, self.scales):
+            del registry[name]
+        self._in_unet.discard(name)
+        self._in_text_encoder.discard(name)
+        self._apply(self.scales)
+
+    @contextlib.contextmanager
+    def scaled(self, scales: dict[str, float]):
+        """These scales on top of the loaded ones for the duration (A1111's per-generation prompt tags)."""
+        self._check_loaded(scales)
+        self._apply(self.scales | scales)
+        try:
+            yield
+        finally:
+            self._apply(self.scales)
+
+    def _check_loaded(self, names) -> None:
+        unknown = [n for n in names if n not in self.files]
+        if unknown:
+            loaded = ", ".join(self.files) or "none"
+            raise ValueError(f"no LoRA named {', '.join(map(repr, unknown))} is loaded (loaded: {loaded}).")
+
+    def _apply(self, scales: dict[str, float]) -> None:
+        """Every adapter active at its scale: peft sums their outputs, W x + Σ_i s_i (α_i/r_i) B_i A_i x."""
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        unet_names = [n for n in scales if n in self._in_unet]
+        if unet_names:
+            self.unet.set_adapters(unet_names, weights=[scales[n] for n in unet_names])
+        te_names = [n for n in scales if n in self._in_text_encoder]
+        if te_names:
+            set_weights_and_activate_adapters(self.text_encoder, te_names, [scales[n] for n in te_names])

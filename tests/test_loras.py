@@ -120,3 +120,64 @@ def test_lora_hash_is_a1111s_addnet_hash(lora_dir, tmp_path):
     copy = tmp_path / "copy.safetensors"
     save_file(load_file(path), copy, metadata={"note": "renamed"})
     assert lora_hash(copy) == lora_hash(path)
+
+
+# --- the batch script ---------------------------------------------------------------------------------------------
+
+def _run(tiny_model_dir, out, *args):
+    from latentdiff.commands.generate import main
+
+    return main(["--model", tiny_model_dir, "--outdir", out, "--steps", "3", "--precision", "fp32", "--skip-grid",
+                 "--no-progress", *map(str, args)])
+
+
+def test_script_applies_lora_flags_and_tags_and_records_their_hashes(tiny_model_dir, lora_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from latentdiff.pngmeta import read_params
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n<lora:chalk:0.8> {PROMPT}\n")
+    assert _run(tiny_model_dir, tmp_path / "out", "--from-file", prompts, "--lora", f"{lora_dir / 'ink.safetensors'}:0.5",
+                "--lora-dir", lora_dir, "--n-samples", "2", "--seed", "3") == 0
+    files = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    plain, tagged = files[0], files[2]  # seeds 3 and 5
+    ink, chalk = lora_hash(lora_dir / "ink.safetensors"), lora_hash(lora_dir / "styles/chalk.safetensors")
+    assert read_params(plain).extra["Lora hashes"] == f"ink: {ink}"
+    assert read_params(tagged).extra["Lora hashes"] == f"ink: {ink}, chalk: {chalk}"
+    assert read_params(tagged).prompt == f"<lora:chalk:0.8> {PROMPT}"  # A1111 keeps the tag in the infotext
+
+    # the same images from the API, one call each (the script split its batch by tag set)
+    pipe = _pipe(tiny_model_dir)
+    pipe.load_lora(lora_dir / "ink.safetensors", scale=0.5)
+    for path, prompt, seed in ((plain, PROMPT, 3), (tagged, f"<lora:chalk:0.8> {PROMPT}", 5)):
+        image = pipe(prompt, num_inference_steps=3, seed=seed, output_type="numpy", progress=False,
+                     lora_dir=lora_dir).images[0]
+        assert np.array_equal(np.asarray(Image.open(path)), image)
+    # --from-png replays the tag through --lora-dir
+    assert _run(tiny_model_dir, tmp_path / "again", "--from-png", tagged, "--lora", lora_dir / "ink.safetensors:0.5",
+                "--lora-dir", lora_dir) == 0
+    again = next((tmp_path / "again" / "samples").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tagged)))
+    # a batch that mixes tag sets (as a resumed run's can) is split per tag set and makes the same images
+    for f in files[1:3]:
+        f.unlink()
+    assert _run(tiny_model_dir, tmp_path / "out", "--from-file", prompts, "--lora", f"{lora_dir / 'ink.safetensors'}:0.5",
+                "--lora-dir", lora_dir, "--n-samples", "2", "--seed", "3") == 0
+    assert np.array_equal(np.asarray(Image.open(files[2])), np.asarray(Image.open(again)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora", "LORA_DIR/missing.safetensors"], "--lora LORA_DIR/missing.safetensors is not a .safetensors file"),
+    (["--lora", "LORA_DIR/ink.safetensors:strong"], "the scale after the last ':' is not a number"),
+    (["--lora-dir", "LORA_DIR/ink.safetensors"], "--lora-dir LORA_DIR/ink.safetensors is not a folder"),
+    (["--prompt-tag", "<lora:ink>"], "the prompt names <lora:ink>; give --lora-dir"),
+    (["--prompt-tag", "<lora:nope>", "--lora-dir", "LORA_DIR"], "no LoRA named 'nope' in LORA_DIR"),
+])
+def test_script_refuses_bad_lora_input_before_any_work(tiny_model_dir, lora_dir, tmp_path, capsys, args, message):
+    tag = args[1] if args[0] == "--prompt-tag" else ""
+    args = [a.replace("LORA_DIR", str(lora_dir)) for a in (args[2:] if tag else args)]
+    assert _run(tiny_model_dir, tmp_path / "out", "--prompt", f"{tag} {PROMPT}".strip(), *args) == 2
+    assert message.replace("LORA_DIR", str(lora_dir)) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

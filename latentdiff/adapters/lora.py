@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
+import warnings
 from pathlib import Path
 
 LORA_SUFFIXES = (".safetensors",)
@@ -63,6 +65,19 @@ def lora_hash(path) -> str:
     return h.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _quiet_stacking():
+    peft_report = logging.getLogger("transformers.integrations.peft")
+    level = peft_report.level
+    peft_report.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        peft_report.setLevel(level)
+
+
 class Loras:
     """The LoRA files loaded into one UNet and text encoder: name → (file, scale)."""
 
@@ -86,14 +101,18 @@ class Loras:
             raise ValueError(f"LoRA file {path} does not exist.")
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
                                                                            return_lora_metadata=True)
-        # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes
-        if any(k.startswith("unet.") for k in state):
-            StableDiffusionPipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name, metadata=metadata)
-            self._in_unet.add(name)
-        if self.text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, self.text_encoder, adapter_name=name,
-                                                                metadata=metadata)
-            self._in_text_encoder.add(name)
+        # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes.
+        # A second adapter makes peft warn that one exists and transformers report the first one's keys as missing
+        # from this file: both are the point of stacking, not a problem.
+        with _quiet_stacking():
+            if any(k.startswith("unet.") for k in state):
+                StableDiffusionPipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name,
+                                                            metadata=metadata)
+                self._in_unet.add(name)
+            if self.text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
+                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, self.text_encoder,
+                                                                    adapter_name=name, metadata=metadata)
+                self._in_text_encoder.add(name)
         if name not in self._in_unet | self._in_text_encoder:
             raise ValueError(f"{path} holds no LoRA weights for a UNet or text encoder.")
         self.files[name], self.scales[name] = path, float(scale)

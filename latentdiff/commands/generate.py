@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..adapters import LORA_SUFFIXES, adapter_name, find_lora, lora_hash, lora_tags
 from ..config import DEFAULTS
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
@@ -107,6 +108,9 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
                    help="1 = the text encoder's last layer (default), 2 = the one before (A1111's numbering)")
     p.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
                    help="φ of Lin et al. 2023, 0–1 (default 0: off); for zero-terminal-SNR / v-prediction models")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file applied to every image, at SCALE (default 1); repeat for several")
+    p.add_argument("--lora-dir", type=Path, help="the folder the prompts' <lora:name:weight> tags name files in")
     p.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--skip-grid", action="store_true", help="do not write a grid of the samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -187,6 +191,7 @@ def check_args(args) -> list[Input]:
             raise UsageError(f"model file {model} has an unknown extension; expected .safetensors or .ckpt")
         if model.is_file() and not os.access(model, os.R_OK):
             raise UsageError(f"model file {model} is not readable")
+    check_loras(args, [it.prompt for it in inputs])
     existing = next(p for p in [args.outdir, *args.outdir.parents] if p.exists())
     if not existing.is_dir():
         raise UsageError(f"output directory {args.outdir} cannot be made: {existing} is a file, not a folder")
@@ -195,13 +200,48 @@ def check_args(args) -> list[Input]:
     return inputs
 
 
+def check_loras(args, prompts: list[str]) -> None:
+    """--lora PATH[:SCALE] files and the prompts' <lora:…> tags, each found in --lora-dir (or among --lora)."""
+    args.loras = []
+    for spec in args.lora:
+        path, _, scale = spec.rpartition(":") if not Path(spec).is_file() and ":" in spec else (spec, "", "1")
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise UsageError(f"--lora {spec}: the scale after the last ':' is not a number; expected PATH[:SCALE]") from None
+        if not Path(path).is_file() or Path(path).suffix.lower() not in LORA_SUFFIXES:
+            raise UsageError(f"--lora {path} is not a .safetensors file; expected a LoRA file, optionally :SCALE")
+        args.loras.append((Path(path), scale, adapter_name(Path(path).stem)))
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir} is not a folder")
+    given = {name for _, _, name in args.loras}
+    args.tag_files = {}
+    for prompt in prompts:
+        try:
+            for name in lora_tags(prompt)[1]:
+                if adapter_name(name) in given or name in args.tag_files:
+                    continue
+                if args.lora_dir is None:
+                    raise ValueError(f"the prompt names <lora:{name}>; give --lora-dir, the folder of LoRA files")
+                args.tag_files[name] = find_lora(name, args.lora_dir)
+        except ValueError as e:
+            raise UsageError(str(e).rstrip(".")) from None
+
+
+def lora_params(args, prompt: str) -> dict[str, str]:
+    """A1111's `Lora hashes` field: every LoRA applied to this image, by name, with its addnet hash."""
+    files = {name: path for path, _, name in args.loras}
+    files |= {adapter_name(n): args.tag_files[n] for n in lora_tags(prompt)[1] if n in args.tag_files}
+    return {"Lora hashes": ", ".join(f"{n}: {lora_hash(f)}" for n, f in files.items())} if files else {}
+
+
 # Settings a flag given with --from-png changes (the rest of the replay stays the PNG's)
 _OVERRIDABLE = {"prompt", "negative_prompt", "seed", "steps", "scale", "sampler", "scheduler", "eta", "clip_skip",
                 "guidance_rescale", "W", "H", "precision", "n_samples", "n_iter", "strength", "mask_blur"}
 
 # Fields --from-png restores, or that describe the run and change nothing (the model is given by --model)
 _REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ",
-             "Denoising strength", "Mask blur", "Model", "Model hash", "Version"}
+             "Denoising strength", "Mask blur", "Model", "Model hash", "Version", "Lora hashes"}
 
 
 def _replay_prompt_settings(args, params) -> None:
@@ -215,7 +255,7 @@ def _replay_prompt_settings(args, params) -> None:
         args.guidance_rescale = args.guidance_rescale if rescale is None else float(rescale)
     except ValueError as e:
         raise UsageError(f"cannot replay --from-png {args.from_png}: {e}") from None
-    ignored = sorted(set(extra) - _REPLAYED) + (["<lora:…> in the prompt"] if "<lora:" in params.prompt else [])
+    ignored = sorted(set(extra) - _REPLAYED)
     if ignored:
         logger.warning("--from-png %s: latentdiff cannot honour %s; the image is made without them",
                        args.from_png, ", ".join(ignored))
@@ -366,6 +406,10 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     for key, pictures in (("init_images", [it.init for it in inputs]), ("masks", [it.mask for it in inputs])):
         if pictures[0] is not None:
             spec[key] = [{"path": str(p.path.resolve()), "sha256": file_sha256(p.path)} for p in pictures]
+    if args.loras:
+        spec["loras"] = [{"hash": lora_hash(path), "scale": scale} for path, scale, _ in args.loras]
+    if args.tag_files:
+        spec["tag_loras"] = {name: lora_hash(path) for name, path in sorted(args.tag_files.items())}
     if args.init_image is not None:
         spec["strength"] = args.strength
     if args.mask is not None:
@@ -404,6 +448,11 @@ def run(args, inputs: list[Input]) -> int:
     pipe = load(args)
     load_s = time.perf_counter() - t0
     height, width = check_against_model(args, pipe)
+    for path, scale, name in args.loras:
+        try:
+            pipe.load_lora(path, scale=scale, name=name)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"cannot apply --lora {path}: {_first_line(e).rstrip('.')}") from None
     note_conversions(inputs)
     items = plan(inputs, args.n_iter, args.n_samples, args.seed)
 
@@ -422,18 +471,19 @@ def run(args, inputs: list[Input]) -> int:
                        args.from_png, args.png_model_hash, pipe.model_hash)
     made, t1 = 0, time.perf_counter()
     bar = tqdm(total=len(mine), disable=args.no_progress or not mine, desc=f"images[{state.process_index}]", unit="img")
-    for b in range(0, len(mine), args.n_samples):
-        batch = mine[b : b + args.n_samples]
+    batches = [group for b in range(0, len(mine), args.n_samples)  # one LoRA tag set per call: they apply batch-wide
+               for group in _by_tags(mine[b : b + args.n_samples])]
+    for batch in batches:
         init = {} if args.init_image is None else {"image": [it.init.image for it in batch], "strength": args.strength}
         if args.mask is not None:
             init |= {"mask_image": [it.mask.image for it in batch], "mask_blur": args.mask_blur}
         out = pipe([it.prompt for it in batch], args.negative_prompt, height=height, width=width,
                    num_inference_steps=args.steps, guidance_scale=args.scale, seed=[it.seed for it in batch],
                    sampler=args.sampler, scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip,
-                   guidance_rescale=args.guidance_rescale, progress=False, **init)
+                   guidance_rescale=args.guidance_rescale, progress=False, lora_dir=args.lora_dir, **init)
         for it, image in zip(batch, out.images):
             params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
-                                      width, height, pipe.name, pipe.model_hash, extra)
+                                      width, height, pipe.name, pipe.model_hash, extra | lora_params(args, it.prompt))
             try:
                 save_png(path[it.index], image, params, exclusive=True)
                 made += 1
@@ -451,6 +501,15 @@ def run(args, inputs: list[Input]) -> int:
     print(f"{made} images in {gen_s:.1f} s{rate}; model loaded in {load_s:.1f} s; output in {samples}{done}"
           + (f" [process {state.process_index} of {state.num_processes}]" if state.num_processes > 1 else ""), file=sys.stderr)
     return 0
+
+
+def _by_tags(batch: list[Item]) -> list[list[Item]]:
+    """The batch split by the prompts' <lora:…> tags, order kept within each part (each image has its own seed,
+    so the split changes no image)."""
+    groups: dict[tuple, list[Item]] = {}
+    for it in batch:
+        groups.setdefault(tuple(sorted(lora_tags(it.prompt)[1].items())), []).append(it)
+    return list(groups.values())
 
 
 def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:

@@ -17,6 +17,7 @@ from .config import DEFAULTS
 from .devices import default_device
 from .errors import ModelError
 from .files import atomic_dir, file_sha256
+from .adapters.embeddings import Embeddings
 from .adapters.lora import Loras, adapter_name, find_lora, lora_tags
 from .guidance import cfg_combine, rescale_guidance
 from .optimize import optimize_for_inference
@@ -54,6 +55,7 @@ class LatentDiffusionPipeline:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.denoiser = EagerUNet(unet)  # ε(x_t, t, context); optimize.py may swap in CUDA-graph replay
         self.loras = Loras(unet, text_encoder)
+        self.embeddings = Embeddings(tokenizer, text_encoder)
         self._hash: str | None = None
 
     # ---------------------------------------------------------------- loading and saving
@@ -152,6 +154,11 @@ class LatentDiffusionPipeline:
     def unload_lora(self, name: str) -> None:
         self.loras.unload(name)
         self.denoiser.reset()
+
+    def load_embedding(self, path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds) as the word `token`
+        (default: the file name, or the token a diffusers file stores); returns the word prompts use."""
+        return self.embeddings.load(path, token)
 
     def prompt_loras(self, prompts: list[str], lora_dir=None) -> tuple[list[str], dict[str, float]]:
         """(prompts without their `<lora:name:w>` tags, {name: w}); tagged LoRAs not loaded yet are loaded from
@@ -357,7 +364,7 @@ class LatentDiffusionPipeline:
         differ in length go through the UNet in separate groups: a list of (image indices, context) — never padded
         to a batch mate's length, so an image does not depend on its batch.
         """
-        encoded = text.encode_prompts(self.tokenizer, self.text_encoder, (negatives or []) + prompts, clip_skip)
+        encoded = self._encode_texts((negatives or []) + prompts, clip_skip)
         conds = encoded[len(negatives or []):]
         pairs = [(u, c) for u, c in zip(encoded, conds)] if negatives is not None else [(None, c) for c in conds]
         if any(u is not None and len(u) != len(c) for u, c in pairs):
@@ -379,11 +386,16 @@ class LatentDiffusionPipeline:
         else:
             pad = self._empty_chunk(clip_skip)
             uncond = torch.stack([_pad_to(u, cond.shape[1], pad)
-                                  for u in text.encode_prompts(self.tokenizer, self.text_encoder, negatives, clip_skip)])
+                                  for u in self._encode_texts(negatives, clip_skip)])
             if uncond.shape[1] != cond.shape[1]:
                 raise ValueError(f"the negative prompt needs {uncond.shape[1]} tokens of context, prompt_embeds have "
                                  f"{cond.shape[1]}; pass negative_prompt_embeds")
         return torch.cat([uncond, cond])
+
+    def _encode_texts(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+        """text.encode_prompts, with the loaded embeddings' words expanded to their tokens."""
+        return text.encode_prompts(self.tokenizer, self.text_encoder, [self.embeddings.expand(p) for p in prompts],
+                                   clip_skip)
 
     def _empty_chunk(self, clip_skip: int) -> torch.Tensor:
         """The context (77, D) of one empty chunk: what a shorter prompt or negative is padded with (as A1111)."""

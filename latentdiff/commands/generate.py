@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import LORA_SUFFIXES, adapter_name, find_lora, lora_hash, lora_tags
+from ..adapters import (EMBEDDING_SUFFIXES, LORA_SUFFIXES, adapter_name, find_lora, lora_hash, lora_tags,
+                        read_embedding)
 from ..config import DEFAULTS
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
@@ -111,6 +112,9 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file applied to every image, at SCALE (default 1); repeat for several")
     p.add_argument("--lora-dir", type=Path, help="the folder the prompts' <lora:name:weight> tags name files in")
+    p.add_argument("--embedding", action="append", default=[], type=Path, metavar="PATH",
+                   help="a textual-inversion embedding, used by its file name in prompts; repeat for several")
+    p.add_argument("--embeddings-dir", type=Path, help="load every embedding file in this folder (as A1111 does)")
     p.add_argument("--precision", default=DEFAULTS.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--skip-grid", action="store_true", help="do not write a grid of the samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -192,6 +196,7 @@ def check_args(args) -> list[Input]:
         if model.is_file() and not os.access(model, os.R_OK):
             raise UsageError(f"model file {model} is not readable")
     check_loras(args, [it.prompt for it in inputs])
+    check_embeddings(args)
     existing = next(p for p in [args.outdir, *args.outdir.parents] if p.exists())
     if not existing.is_dir():
         raise UsageError(f"output directory {args.outdir} cannot be made: {existing} is a file, not a folder")
@@ -228,6 +233,28 @@ def check_loras(args, prompts: list[str]) -> None:
             raise UsageError(str(e).rstrip(".")) from None
 
 
+def check_embeddings(args) -> None:
+    """--embedding files and --embeddings-dir's, each one readable embedding."""
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
+    found = sorted(p for p in args.embeddings_dir.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES) \
+        if args.embeddings_dir is not None else []
+    args.embedding_files = [*args.embedding, *found]
+    for path in args.embedding_files:
+        if not path.is_file():
+            raise UsageError(f"--embedding {path} does not exist")
+        try:
+            read_embedding(path)
+        except ValueError as e:
+            raise UsageError(str(e).rstrip(".")) from None
+
+
+def embedding_params(pipe, prompt: str, negative: str) -> dict[str, str]:
+    """A1111's `TI hashes` field: the embeddings this image's prompts use, by word, with the file's short sha256."""
+    used = dict.fromkeys(pipe.embeddings.used(prompt) + pipe.embeddings.used(negative))
+    return {"TI hashes": ", ".join(f"{w}: {file_sha256(pipe.embeddings.files[w])[:12]}" for w in used)} if used else {}
+
+
 def lora_params(args, prompt: str) -> dict[str, str]:
     """A1111's `Lora hashes` field: every LoRA applied to this image, by name, with its addnet hash."""
     files = {name: path for path, _, name in args.loras}
@@ -241,7 +268,8 @@ _OVERRIDABLE = {"prompt", "negative_prompt", "seed", "steps", "scale", "sampler"
 
 # Fields --from-png restores, or that describe the run and change nothing (the model is given by --model)
 _REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ",
-             "Denoising strength", "Mask blur", "Model", "Model hash", "Version", "Lora hashes"}
+             "Denoising strength", "Mask blur", "Model", "Model hash", "Version", "Lora hashes",
+             "TI hashes"}
 
 
 def _replay_prompt_settings(args, params) -> None:
@@ -408,6 +436,8 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
             spec[key] = [{"path": str(p.path.resolve()), "sha256": file_sha256(p.path)} for p in pictures]
     if args.loras:
         spec["loras"] = [{"hash": lora_hash(path), "scale": scale} for path, scale, _ in args.loras]
+    if args.embedding_files:
+        spec["embeddings"] = [file_sha256(path) for path in args.embedding_files]
     if args.tag_files:
         spec["tag_loras"] = {name: lora_hash(path) for name, path in sorted(args.tag_files.items())}
     if args.init_image is not None:
@@ -453,6 +483,11 @@ def run(args, inputs: list[Input]) -> int:
             pipe.load_lora(path, scale=scale, name=name)
         except (ValueError, OSError) as e:
             raise UsageError(f"cannot apply --lora {path}: {_first_line(e).rstrip('.')}") from None
+    for path in args.embedding_files:
+        try:
+            pipe.load_embedding(path)
+        except ValueError as e:
+            raise UsageError(f"cannot use embedding {path}: {_first_line(e).rstrip('.')}") from None
     note_conversions(inputs)
     items = plan(inputs, args.n_iter, args.n_samples, args.seed)
 
@@ -483,7 +518,9 @@ def run(args, inputs: list[Input]) -> int:
                    guidance_rescale=args.guidance_rescale, progress=False, lora_dir=args.lora_dir, **init)
         for it, image in zip(batch, out.images):
             params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
-                                      width, height, pipe.name, pipe.model_hash, extra | lora_params(args, it.prompt))
+                                      width, height, pipe.name, pipe.model_hash,
+                                      extra | lora_params(args, it.prompt)
+                                      | embedding_params(pipe, it.prompt, args.negative_prompt))
             try:
                 save_png(path[it.index], image, params, exclusive=True)
                 made += 1

@@ -405,7 +405,7 @@ def test_lora_file_loads_in_diffusers_with_the_same_output(shapes, tiny_pretrain
     out = tmp_path / "lora"
     assert main(["--model", str(tiny_pretrained), "--data", str(shapes), "--output-dir", str(out), "--resolution", "32",
                  "--batch-size", "8", "--num-workers", "0", "--max-steps", "3", "--lr", "1e-2", "--checkpoint-every", "0",
-                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-text-encoder"]) == 0
+                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-text-encoder", "--export-single-file"]) == 0
     path = out / "pytorch_lora_weights.safetensors"
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
@@ -430,6 +430,22 @@ def test_lora_file_loads_in_diffusers_with_the_same_output(shapes, tiny_pretrain
     off = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
     off.load_lora(path, scale=0.0)
     torch.testing.assert_close(eps(off), base)  # the scale reaches both the UNet and the text encoder adapters
+
+    # --export-single-file: the same adapters in kohya's layout (A1111, ComfyUI), read back by diffusers and latentdiff
+    kohya = out / "lora.safetensors"
+    with safe_open(kohya, "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys) and alphas == {8.0}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8"
+    from_kohya = load_pipeline(tiny_pretrained, device="cpu", precision="fp32")
+    from_kohya.load_lora(kohya)
+    torch.testing.assert_close(eps(from_kohya), mine, atol=1e-5, rtol=1e-5)
+    theirs_kohya = StableDiffusionPipeline.from_pretrained(tiny_pretrained, safety_checker=None)
+    theirs_kohya.load_lora_weights(str(kohya))
+    torch.testing.assert_close(eps(theirs_kohya), mine, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- distributed

@@ -124,7 +124,7 @@ class TrainConfig(RunConfig):
     validation_steps: int = 25
     validation_guidance: float = 5.0
     # export
-    export_single_file: bool = False  # also write model.safetensors in the original SD layout
+    export_single_file: bool = False  # also write model.safetensors in the original SD layout (a LoRA run: lora.safetensors, kohya's layout)
 
     def validate(self) -> None:
         super().validate()

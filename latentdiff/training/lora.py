@@ -3,7 +3,7 @@
 Files are written in the layout diffusers' `StableDiffusionPipeline.load_lora_weights` reads:
 `unet.<module>.lora_A.weight` / `lora_B.weight` (+ `text_encoder.…`), with the peft LoraConfig
 (rank, alpha, targets) in the safetensors metadata so α ≠ r survives the round trip; latentdiff.adapters
-loads them for inference.
+loads them for inference. `save_kohya` writes the same adapters in the layout A1111 and ComfyUI read.
 """
 from __future__ import annotations
 
@@ -45,4 +45,21 @@ def save_lora(path, unet, text_encoder=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, durable=True) as tmp:  # diffusers writes into a folder under a name of our choosing
         StableDiffusionPipeline.save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
+    return path
+
+
+def save_kohya(path, unet, text_encoder=None) -> Path:
+    """The same adapters in kohya's layout (checkpoints/lora_layout.py), the file A1111 and ComfyUI load."""
+    from peft.utils import get_peft_model_state_dict
+
+    from latentdiff.checkpoints.lora_layout import save_kohya_lora
+
+    models = {"unet": unet, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
+    state = {f"{name}.{k}": v for name, model in models.items()
+             for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+    alpha = {name: model.peft_config[ADAPTER].lora_alpha for name, model in models.items()}
+    wide = text_encoder is not None and text_encoder.config.hidden_size == 1024  # OpenCLIP ViT-H: SD 2.x
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_kohya_lora(path, state, alpha, rank=unet.peft_config[ADAPTER].r, base_model="sd_v2" if wide else "sd_v1")
     return path

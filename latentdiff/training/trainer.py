@@ -181,7 +181,11 @@ def train(config: TrainConfig) -> Path:
                 lora.save_lora(out, unet, text_encoder if config.lora_text_encoder else None)
             else:
                 pipe.save_pretrained(out)
-        if config.export_single_file and not config.lora_rank:
+        if config.export_single_file and config.lora_rank:  # the LoRA's "single file": kohya's layout
+            single = out_dir / "lora.safetensors"
+            with writing(single, "save the LoRA to"):
+                lora.save_kohya(single, unet, text_encoder if config.lora_text_encoder else None)
+        elif config.export_single_file:
             from latentdiff.checkpoints import save_single_file
 
             single = out_dir / "model.safetensors"

@@ -262,3 +262,24 @@ def test_bad_files_get_one_clear_error(sd1_file, tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match=r"does not look like a Stable Diffusion 1.x/2.x checkpoint"):
         load_single_file(other)
+
+
+@pytest.mark.parametrize("keys, what", [
+    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+      "model.diffusion_model.input_blocks.0.0.weight"], "an SDXL checkpoint: latentdiff supports SD 1.x/2.x"),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "an SD3 checkpoint"),
+    (["double_blocks.0.img_attn.qkv.weight"], "a Flux checkpoint"),
+    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "a Flux checkpoint"),
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "a LoRA file: apply it to a model with --lora"),
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA file"),
+    (["emb_params"], "a textual-inversion embedding"),
+    (["encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight"], "a VAE-only file (no UNet)"),
+    (["text_model.encoder.layers.0.mlp.fc1.weight"], "a text-encoder-only file (no UNet)"),
+])
+def test_files_latentdiff_cannot_use_are_named(tmp_path, keys, what):
+    """One sentence that says what the file is, from its keys, before any model is built."""
+    path = tmp_path / "file.safetensors"
+    save_file({k: torch.zeros(1) for k in keys}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_single_file(path)
+    assert str(info.value).startswith(f"{path} is {what}")

@@ -181,3 +181,21 @@ def test_script_refuses_bad_lora_input_before_any_work(tiny_model_dir, lora_dir,
     assert _run(tiny_model_dir, tmp_path / "out", "--prompt", f"{tag} {PROMPT}".strip(), *args) == 2
     assert message.replace("LORA_DIR", str(lora_dir)) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_for_another_base_model_names_the_layer_and_both_shapes(tiny_model_dir, tmp_path):
+    from conftest import tiny_components
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.schedulers import ScheduleConfig
+
+    other = tmp_path / "wide-model"
+    unet, vae, text_encoder, tokenizer = tiny_components(cross_dim=48)
+    LatentDiffusionPipeline(unet, vae, text_encoder, tokenizer, ScheduleConfig()).save_pretrained(other)
+    foreign = random_lora_file(other, tmp_path / "foreign.safetensors")
+    pipe = _pipe(tiny_model_dir)
+    base = _eps(pipe)
+    with pytest.raises(ValueError, match=r"foreign.safetensors does not fit this model: layer \S+attn2.to_v\S* is "
+                                         r"torch.Size\(\[4, 48\]\) in the file and torch.Size\(\[4, 32\]\) here"):
+        pipe.load_lora(foreign)
+    assert pipe.loras.files == {} and not getattr(pipe.unet, "peft_config", {})
+    torch.testing.assert_close(_eps(pipe), base, atol=0, rtol=0)  # nothing of it stays behind

@@ -19,6 +19,8 @@ from pathlib import Path
 LORA_SUFFIXES = (".safetensors",)
 _TAG = re.compile(r"<lora:([^>]*)>")
 _NAME = re.compile(r"[^0-9A-Za-z_-]+")
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from "
+                            r"checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))")
 
 
 def adapter_name(name: str) -> str:
@@ -101,9 +103,28 @@ class Loras:
             raise ValueError(f"LoRA file {path} does not exist.")
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
                                                                            return_lora_metadata=True)
-        # as StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes.
-        # A second adapter makes peft warn that one exists and transformers report the first one's keys as missing
-        # from this file: both are the point of stacking, not a problem.
+        try:
+            self._inject(state, alphas, metadata, name)
+        except (RuntimeError, ValueError) as e:
+            self._remove(name)
+            mismatch = _SIZE_MISMATCH.search(str(e))
+            if mismatch is None:
+                raise
+            layer, theirs, ours = mismatch.groups()
+            raise ValueError(f"{path} does not fit this model: layer {layer} is {theirs} in the file and {ours} here "
+                             "(a LoRA for another base model?).") from None
+        if name not in self._in_unet | self._in_text_encoder:
+            raise ValueError(f"{path} holds no LoRA weights for a UNet or text encoder.")
+        self.files[name], self.scales[name] = path, float(scale)
+        self._apply(self.scales)
+        return name
+
+    def _inject(self, state, alphas, metadata, name: str) -> None:
+        """As StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes.
+        A second adapter makes peft warn that one exists and transformers report the first one's keys as missing
+        from this file: both are the point of stacking, not a problem."""
+        from diffusers import StableDiffusionPipeline
+
         with _quiet_stacking():
             if any(k.startswith("unet.") for k in state):
                 StableDiffusionPipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name,
@@ -113,11 +134,6 @@ class Loras:
                 StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, self.text_encoder,
                                                                     adapter_name=name, metadata=metadata)
                 self._in_text_encoder.add(name)
-        if name not in self._in_unet | self._in_text_encoder:
-            raise ValueError(f"{path} holds no LoRA weights for a UNet or text encoder.")
-        self.files[name], self.scales[name] = path, float(scale)
-        self._apply(self.scales)
-        return name
 
     def set_scales(self, scales: dict[str, float]) -> None:
         self._check_loaded(scales)
@@ -125,18 +141,22 @@ class Loras:
         self._apply(self.scales)
 
     def unload(self, name: str) -> None:
+        self._check_loaded([name])
+        self._remove(name)
+        self._apply(self.scales)
+
+    def _remove(self, name: str) -> None:
+        """Take adapter `name` out of both models, whatever part of it got in."""
         from diffusers.utils.peft_utils import delete_adapter_layers
 
-        self._check_loaded([name])
-        if name in self._in_unet:
+        if name in getattr(self.unet, "peft_config", {}):
             self.unet.delete_adapters(name)
-        if name in self._in_text_encoder:
-            delete_adapter_layers(self.text_encoder, name)
+        if self.text_encoder is not None and name in getattr(self.text_encoder, "peft_config", {}):
+            delete_adapter_layers(self.text_encoder, name)  # pops its peft_config entry too
         for registry in (self.files, self.scales):
-            del registry[name]
+            registry.pop(name, None)
         self._in_unet.discard(name)
         self._in_text_encoder.discard(name)
-        self._apply(self.scales)
 
     @contextlib.contextmanager
     def scaled(self, scales: dict[str, float]):

@@ -34,8 +34,39 @@ def _read_json(root, name: str) -> dict:
     return json.loads((root / CONFIG_FILES[name]).read_text())
 
 
+# What a file is when it is not an SD 1.x/2.x checkpoint: (a key prefix or part that only it has, what it is)
+_OTHER_FILES = (
+    ("conditioner.embedders.", "an SDXL checkpoint: latentdiff supports SD 1.x/2.x"),
+    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint: latentdiff supports SD 1.x/2.x"),
+    ("double_blocks.", "a Flux checkpoint: latentdiff supports SD 1.x/2.x"),
+    ("lora_unet_", "a LoRA file: apply it to a model with --lora or load_lora()"),
+    ("lora_te_", "a LoRA file: apply it to a model with --lora or load_lora()"),
+    (".lora_A.", "a LoRA file: apply it to a model with --lora or load_lora()"),
+    ("emb_params", "a textual-inversion embedding: use it with --embedding or load_embedding()"),
+    ("string_to_param", "a textual-inversion embedding: use it with --embedding or load_embedding()"),
+)
+
+
+def _what_else(state_dict) -> str | None:
+    """One phrase naming a file that is not an SD 1.x/2.x checkpoint, or None."""
+    for part, what in _OTHER_FILES:
+        if any(k.startswith(part) or (part.startswith(".") and part in k) or k.removeprefix("model.diffusion_model.")
+               .startswith(part) for k in state_dict):
+            return what
+    if any(k.startswith(UNET_PREFIX) for k in state_dict):
+        return None
+    if any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in state_dict):
+        return "a VAE-only file (no UNet): give it to a model's vae/ folder, not as --model"
+    if any(k.startswith(("text_model.", "cond_stage_model.", "transformer.resblocks.")) for k in state_dict):
+        return "a text-encoder-only file (no UNet), not a whole model"
+    return None
+
+
 def _detect_layout(path, state_dict) -> str:
     """"sd1" (OpenAI CLIP text encoder) or "sd2" (OpenCLIP), from the key names."""
+    what = _what_else(state_dict)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}.")
     if not any(k.startswith(UNET_PREFIX) for k in state_dict):
         raise CheckpointError(
             f"{path} does not look like a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* keys)."

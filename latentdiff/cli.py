@@ -11,6 +11,7 @@ commands:
   train-vae --config FILE     train the VAE of a model from scratch
   make-shapes OUTDIR --n N    write the synthetic captioned "shapes" dataset
   eval-shapes [--model M]     judge a model on every caption of the shapes grammar
+  convert SRC DST [--dtype D]  a model between diffusers folder and single file; a LoRA to kohya's layout
 """
 
 
@@ -44,8 +45,15 @@ def _eval_shapes(argv):
     return main(argv)
 
 
+def _convert(argv):
+    from .commands.convert import main
+
+    return main(argv)
+
+
 # Imported on use: `latentdiff --help` and bad commands answer without importing torch.
-COMMANDS = {"generate": _generate, "train": _train, "train-vae": _train_vae, "make-shapes": _make_shapes, "eval-shapes": _eval_shapes}
+COMMANDS = {"generate": _generate, "train": _train, "train-vae": _train_vae, "make-shapes": _make_shapes, "eval-shapes": _eval_shapes,
+            "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,14 +82,16 @@ class LatentDiffusionPipeline:
         return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder).to(device)
 
     @classmethod
-    def from_single_file(cls, path, *, device=None, precision: str = "auto", config_dir=None, prediction_type=None) -> "LatentDiffusionPipeline":
-        """An original (CompVis/Stability) SD 1.x/2.x checkpoint, `.safetensors` or weights-only `.ckpt`."""
+    def from_single_file(cls, path, *, device=None, precision: str = "auto", config_dir=None, prediction_type=None,
+                         ema: bool = False) -> "LatentDiffusionPipeline":
+        """An original (CompVis/Stability) SD 1.x/2.x checkpoint, `.safetensors` or weights-only `.ckpt` (`ema`: its
+        UNet's EMA weights)."""
         from .checkpoints import load_single_file
 
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type, precision=precision,
-                                 device=device)
+                                 device=device, ema=ema)
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["schedule"], name=path.stem, source=path).to(device)
 
     @classmethod

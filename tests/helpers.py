@@ -3,7 +3,7 @@ from latentdiff.data.shapes import parse_caption  # noqa: F401  (re-exported for
 
 
 def random_lora_file(model_dir, path, *, seed: int = 0, text_encoder: bool = False):
-    """A LoRA (rank 4 on the UNet's to_q/to_v, and with `text_encoder` on its q_proj/v_proj; B drawn at random from
+    """A LoRA (rank 4 on the UNet's to_q/to_v, and with `text_encoder` on its four attention projections; B drawn from
     `seed`, so it changes the output) for the model in `model_dir`, saved the way the trainer saves one; returns
     `path`."""
     import torch
@@ -18,7 +18,7 @@ def random_lora_file(model_dir, path, *, seed: int = 0, text_encoder: bool = Fal
     models = [donor.unet]
     if text_encoder:
         donor.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                                  target_modules=["q_proj", "v_proj"]))
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
         models.append(donor.text_encoder)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -133,19 +133,33 @@ def _tokenizer(config_dir, layout: str):
     return build_clip_tokenizer(**settings)
 
 
-def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, precision: str = "fp32", device="cpu") -> dict:
+def use_ema_weights(path, state_dict: dict) -> dict:
+    """The UNet's EMA copy in place of its weights: LDM stores it as `model_ema.<key without the dots>` beside
+    `model.diffusion_model.<key>`; CheckpointError if the file has none."""
+    ema = {k: state_dict[e] for k in state_dict if k.startswith(UNET_PREFIX)
+           and (e := "model_ema." + k[len("model."):].replace(".", "")) in state_dict}
+    if not ema:
+        raise CheckpointError(f"{path} has no EMA weights (model_ema.* keys) to use.")
+    return {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")} | ema
+
+
+def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, precision: str = "fp32", device="cpu",
+                     ema: bool = False) -> dict:
     """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
     when the UNet has the standard SD 1.x/2.x architecture, "sd1-inpainting"/"sd2-inpainting" for its 9-channel
     inpainting variant (detected from the first convolution's weight), else "custom". Weights load in
-    the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout).
+    the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout). `ema`
+    loads the UNet's EMA weights that training checkpoints carry.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     # 1. read the weights and tell SD 1.x from SD 2.x by the text encoder's layout
     state_dict = read_state_dict(path)
+    if ema:
+        state_dict = use_ema_weights(path, state_dict)
     layout = _detect_layout(path, state_dict)
     configs = _component_configs(path, layout, config_dir)
     configs["unet"] = {**configs["unet"], "in_channels": _unet_in_channels(state_dict, configs["unet"])}

@@ -24,7 +24,7 @@ from ..adapters import (EMBEDDING_SUFFIXES, LORA_SUFFIXES, adapter_name, find_lo
 from ..config import DEFAULTS
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
-from ..errors import ModelError
+from ..errors import ModelError, UsageError
 from ..files import file_sha256, remove_leftovers
 from ..images import check_mask_blur, rounded_size, size_of
 from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
@@ -36,10 +36,6 @@ from .outdir import claim_range
 
 logger = logging.getLogger(__name__)
 STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
-
-
-class UsageError(ValueError):
-    """Bad input: reported as one sentence, exit code 2, nothing written."""
 
 
 def _first_line(error: BaseException) -> str:

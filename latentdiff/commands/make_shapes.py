@@ -49,6 +49,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--include-holdout", action="store_true", help="also draw the held-out (color, shape) pairs")
     parser.add_argument("--shape-weights", default="",
                         help="comma list shape=weight (default 1 each): e.g. triangle=2 draws twice as many triangles")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (same files for any number)")
     args = parser.parse_args(argv)
     try:
         colors = _parse_colors(args.colors)
@@ -60,7 +61,10 @@ def main(argv: list[str]) -> int:
         parser.error(str(err))  # exits 2
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         parser.error(f"{args.outdir} exists and is not a directory.")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}.")
     written = make_shapes(args.outdir, args.n, args.seed, size=args.size, colors=colors, shapes=shapes,
-                          include_holdout=args.include_holdout, shape_weights=weights)
+                          include_holdout=args.include_holdout, shape_weights=weights,
+                          workers=args.workers)
     print(f"wrote {written} images and metadata.jsonl to {args.outdir}")
     return 0

@@ -8,10 +8,12 @@ Small enough to train a text-to-image model on a CPU in minutes, and judged by p
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -154,11 +156,13 @@ def check_args(n, size, colors, shapes, pairs, shape_weights=None) -> None:
 
 
 def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes=SHAPES,
-                holdout=HOLDOUT, include_holdout=False, shape_weights: dict[str, float] | None = None) -> int:
+                holdout=HOLDOUT, include_holdout=False, shape_weights: dict[str, float] | None = None,
+                workers: int = 1) -> int:
     """Write `n` images + metadata.jsonl (diffusers imagefolder layout) to `outdir`; returns n.
 
     (color, shape) pairs are drawn uniformly, or in proportion to `shape_weights` (default 1 per shape): more of
-    the shapes a model finds hard. Image i depends only on (seed, i), so a rerun rewrites identical bytes.
+    the shapes a model finds hard. Image i depends only on (seed, i), so a rerun rewrites identical bytes and
+    `workers` processes write the same files as one.
     metadata.jsonl is removed first and written last: a folder without it is an unfinished run.
     """
     pairs = allowed_pairs(colors, shapes, holdout, include_holdout)
@@ -170,17 +174,25 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "metadata.jsonl").unlink(missing_ok=True)
-    lines = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        color, shape = pairs[rng.integers(len(pairs)) if p is None else rng.choice(len(pairs), p=p)]
-        backgrounds = [b for b in colors if b != color]
-        background = backgrounds[rng.integers(len(backgrounds))]
-        image = render(color, shape, background, rng, size=size, colors=colors)
-        name = f"{i:05d}.png"
-        png = io.BytesIO()
-        image.save(png, format="PNG")
-        atomic_write_bytes(outdir / name, png.getvalue())
-        lines.append(json.dumps({"file_name": name, "text": caption(color, shape, background)}) + "\n")
+    write = functools.partial(_write_image, outdir, seed, pairs, p, size, colors)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            lines = list(pool.map(write, range(n), chunksize=256))
+    else:
+        lines = [write(i) for i in range(n)]
     atomic_write_bytes(outdir / "metadata.jsonl", "".join(lines).encode())
     return n
+
+
+def _write_image(outdir: Path, seed: int, pairs, p, size: int, colors, i: int) -> str:
+    """Render and write image i; returns its metadata.jsonl line."""
+    rng = np.random.default_rng([seed, i])
+    color, shape = pairs[rng.integers(len(pairs)) if p is None else rng.choice(len(pairs), p=p)]
+    backgrounds = [b for b in colors if b != color]
+    background = backgrounds[rng.integers(len(backgrounds))]
+    image = render(color, shape, background, rng, size=size, colors=colors)
+    name = f"{i:05d}.png"
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    atomic_write_bytes(outdir / name, png.getvalue())
+    return json.dumps({"file_name": name, "text": caption(color, shape, background)}) + "\n"

@@ -5,7 +5,7 @@ import torch
 
 from latentdiff import images, load_pipeline
 from latentdiff.data.shapes import COLORS, render
-from latentdiff.evaluate import judge
+from latentdiff.evaluate import OUTLINES, SIDE_TOLERANCE, drawing, judge
 
 PROMPTS = [  # (color, shape, background): one of each shape, light and dark backgrounds
     ("red", "circle", "blue"), ("green", "star", "white"), ("yellow", "triangle", "black"),
@@ -18,7 +18,7 @@ def verdicts():
     pipe = load_pipeline()
     out = pipe([f"a {c} {s} on a {b} background" for c, s, b in PROMPTS], seed=0, output_type="numpy", progress=False)
     assert out.images.shape == (len(PROMPTS), 64, 64, 3)
-    return [judge(image) for image in out.images]
+    return [judge(image) | drawing(image) for image in out.images]
 
 
 def test_shipped_model_draws_the_colors_it_is_asked_for(verdicts):
@@ -26,8 +26,16 @@ def test_shipped_model_draws_the_colors_it_is_asked_for(verdicts):
 
 
 def test_shipped_model_draws_the_shapes_it_is_asked_for(verdicts):
-    right = sum(v["shape"] == s for v, (_, s, _) in zip(verdicts, PROMPTS))
-    assert right >= len(PROMPTS) - 1, verdicts  # the shipped model is judged 88.8 % right on shape (README)
+    assert [v["shape"] for v in verdicts] == [s for _, s, _ in PROMPTS], verdicts
+
+
+def test_shipped_model_draws_clean_shapes(verdicts):
+    """No stray spots anywhere; the triangle and square with straight sides (v1 drew a concave triangle)."""
+    assert [v["spots"] for v in verdicts] == [0] * len(PROMPTS), verdicts
+    for v, (_, shape, _) in zip(verdicts, PROMPTS):
+        corners, straight = OUTLINES[shape]
+        if straight:
+            assert v["points"] == corners and v["side_bow"] <= SIDE_TOLERANCE, (shape, v)
 
 
 def _box_mask(picture, background, margin=4):

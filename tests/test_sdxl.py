@@ -1,0 +1,191 @@
+"""SDXL: loading (diffusers folders, sgm single files) and text to image against diffusers' StableDiffusionXLPipeline,
+on a tiny random model of the SDXL architecture (diffusers' own test sizes: CLIP encoders of 5 layers, the second with
+a 32-wide projection; a UNet with the "text_time" added embedding). The second encoder is 48 wide, not 32: diffusers'
+from_single_file tells the two embedders apart by width and would load the first one's weights into both."""
+import json
+
+import pytest
+import torch
+
+from latentdiff.errors import ModelError
+from latentdiff.pipeline import load_pipeline
+
+PROMPTS = ["a red circle on a blue background", "a green star"]
+SIZE = dict(height=32, width=32)
+TOLERANCE = 2 / 255
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                        "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def tiny_sdxl_components(seed: int = 0):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latentdiff.text import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + the pooled text's 32
+        cross_attention_dim=32 + 48, norm_num_groups=1,  # the two encoders' hidden states side by side
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=64, scaling_factor=0.13025,
+    )
+    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32, layer_norm_eps=1e-5)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "hidden_size": 48}))
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=build_clip_tokenizer(),
+                text_encoder_2=text_encoder_2.eval(), tokenizer_2=build_clip_tokenizer(pad_token="!"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny SDXL folder written by diffusers' StableDiffusionXLPipeline (the layout real SDXL folders have)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    scheduler = EulerDiscreteScheduler.from_config(json.loads((SHIPPED_CONFIGS / "sdxl/scheduler/scheduler_config.json").read_text()))
+    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components(), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(sdxl_dir):
+    return load_pipeline(sdxl_dir, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+
+
+def _theirs(reference, sampler: str, prompts=PROMPTS, **kwargs):
+    import diffusers
+
+    reference.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(reference.scheduler.config)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)][:len(prompts)]
+    return reference(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="pt", **SIZE,
+                     **kwargs).images
+
+
+def _ours(pipe, sampler: str, negative=None, prompts=PROMPTS, **kwargs):
+    return pipe(prompts, negative, num_inference_steps=4, guidance_scale=5.0, seed=[3, 4][:len(prompts)],
+                sampler=sampler, output_type="pt", progress=False, **SIZE, **kwargs).images
+
+
+@pytest.mark.parametrize("sampler", sorted(DIFFUSERS_SCHEDULERS))
+def test_text_to_image_matches_diffusers(pipe, reference, sampler):
+    """With negatives; and without, where SDXL's force_zeros_for_empty_prompt makes the unconditional input zeros."""
+    ours = _ours(pipe, sampler, "blurry")
+    theirs = _theirs(reference, sampler, negative_prompt=["blurry"] * 2)
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert (ours - theirs).abs().max().item() < TOLERANCE
+    assert (_ours(pipe, sampler) - _theirs(reference, sampler)).abs().max().item() < TOLERANCE
+
+
+def test_size_conditioning_and_clip_skip_match_diffusers(pipe, reference):
+    """One prompt: diffusers repeats [negative; positive] time ids per image, which pairs them right only for one."""
+    sizes = dict(original_size=(96, 64), crops_coords_top_left=(8, 16), target_size=(48, 48),
+                 negative_original_size=(16, 24), negative_target_size=(32, 40))
+    ours = _ours(pipe, "ddim", "blurry", PROMPTS[:1], **sizes)
+    theirs = _theirs(reference, "ddim", PROMPTS[:1], negative_prompt="blurry", negative_crops_coords_top_left=(8, 16),
+                     **sizes)
+    assert (ours - theirs).abs().max().item() < TOLERANCE
+    plain = _ours(pipe, "ddim", "blurry", PROMPTS[:1])
+    assert (ours - plain).abs().max().item() > 1e-3, "the size conditioning reaches the UNet"
+    # A1111's clip skip k is diffusers' k − 1 (no negative prompt: diffusers encodes negatives without clip skip)
+    skipped = _ours(pipe, "ddim", clip_skip=2)
+    assert (skipped - _theirs(reference, "ddim", clip_skip=1)).abs().max() < TOLERANCE
+
+
+def test_long_and_weighted_prompts_reach_both_encoders(pipe):
+    plain = _ours(pipe, "ddim")
+    assert (_ours(pipe, "ddim", prompts=PROMPTS[:1])[0] - plain[0]).abs().max() < 1e-5, "an image does not depend on its batch"
+    weighted = pipe(["a (red:1.6) circle on a blue background", PROMPTS[1]], num_inference_steps=4, guidance_scale=5.0,
+                    seed=[3, 4], sampler="ddim", output_type="pt", progress=False, **SIZE).images
+    assert (weighted[0] - plain[0]).abs().max() > 1e-3
+    long = pipe([PROMPTS[0] + " very" * 80 + " blue", PROMPTS[1]], seed=[3, 4], num_inference_steps=2,
+                output_type="pt", progress=False, **SIZE).images
+    assert torch.isfinite(long).all()
+
+
+def test_default_size_comes_from_the_model(pipe):
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    assert pipe.is_sdxl and pipe.check_size(None, None) == (64, 64)  # sample_size 32 × VAE factor 2
+    unet = json.loads((SHIPPED_CONFIGS / "sdxl" / "unet" / "config.json").read_text())
+    vae = json.loads((SHIPPED_CONFIGS / "sdxl" / "vae" / "config.json").read_text())
+    assert unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == 1024
+    assert (vae["scaling_factor"], vae["force_upcast"]) == (0.13025, True)
+
+
+def test_single_file_round_trip_is_bit_exact_and_loads_in_diffusers(tmp_path, pipe, sdxl_dir, reference):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from latentdiff.checkpoints import save_single_file
+
+    exported = tmp_path / "sdxl.safetensors"
+    save_single_file(exported, pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+                     schedule=pipe.schedule)
+    state = load_file(exported)
+    for prefix in ("conditioner.embedders.0.transformer.text_model.encoder.", "conditioner.embedders.1.model.transformer.resblocks.",
+                   "model.diffusion_model.label_emb.0.0.", "first_stage_model.decoder."):
+        assert any(k.startswith(prefix) for k in state), prefix
+    projection = pipe.text_encoder_2.text_projection.weight
+    assert torch.equal(state["conditioner.embedders.1.model.text_projection"], projection.T)  # OpenCLIP: x @ P
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in state
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, plain)  # no latentdiff metadata: configs from config_dir, as for a downloaded file
+    for copy in (load_pipeline(exported, device="cpu", precision="fp32"),
+                 load_pipeline(plain, device="cpu", precision="fp32", config_dir=sdxl_dir)):
+        for ours, theirs in zip((pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2),
+                                (copy.unet, copy.vae, copy.text_encoder, copy.text_encoder_2)):
+            a, b = ours.state_dict(), theirs.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    single = StableDiffusionXLPipeline.from_single_file(str(plain), config=str(sdxl_dir))
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b if not k.endswith("position_ids")), name
+
+
+def test_folder_round_trip_through_save_pretrained(tmp_path, pipe):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe.save_pretrained(tmp_path / "copy")
+    index = json.loads((tmp_path / "copy" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    theirs = StableDiffusionXLPipeline.from_pretrained(tmp_path / "copy")
+    a, b = pipe.text_encoder_2.state_dict(), theirs.text_encoder_2.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    copy = load_pipeline(tmp_path / "copy", device="cpu", precision="fp32")
+    torch.testing.assert_close(_ours(copy, "euler"), _ours(pipe, "euler"), atol=0, rtol=0)
+
+
+def test_fp16_keeps_the_vae_in_float32(sdxl_dir):
+    low = load_pipeline(sdxl_dir, device="cpu", precision="fp16", optimize=False)
+    assert (low.unet.dtype, low.text_encoder_2.dtype, low.vae.dtype) == (torch.float16, torch.float16, torch.float32)
+
+
+def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, tmp_path):
+    from PIL import Image
+
+    with pytest.raises(ModelError, match="image-to-image and inpainting is not supported for SDXL models yet"):
+        pipe("a cat", image=Image.new("RGB", (32, 32)), num_inference_steps=1, progress=False)
+    with pytest.raises(ModelError, match="LoRA is not supported for SDXL"):
+        pipe.load_lora(tmp_path / "x.safetensors")
+    with pytest.raises(ModelError, match="embedding is not supported for SDXL"):
+        pipe.load_embedding(tmp_path / "x.pt")
+    with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
+        pipe(None, prompt_embeds=torch.zeros(1, 77, 80), num_inference_steps=1, progress=False)
+

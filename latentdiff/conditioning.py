@@ -84,6 +84,7 @@ class CLIPConditioner:
 
     def __init__(self, tokenizer, text_encoder):
         self.tokenizers, self.text_encoders = (tokenizer,), (text_encoder,)
+        self.max_clip_skip = text_encoder.config.num_hidden_layers  # k = 1 … the first layer (text.encode_hidden)
 
     def encode(self, prompts: list[str], clip_skip: int = 1) -> list[Condition]:
         """One Condition (context (77·k, D)) per prompt."""
@@ -102,6 +103,8 @@ class SDXLConditioner:
     def __init__(self, tokenizers, text_encoders, *, zero_empty_negative: bool = True):
         self.tokenizers, self.text_encoders = tuple(tokenizers), tuple(text_encoders)
         self.zero_empty_negative = zero_empty_negative
+        # k reads hidden_states[−(k + 1)] of each encoder (text.encode_prompts_sdxl)
+        self.max_clip_skip = min(e.config.num_hidden_layers for e in text_encoders) - 1
 
     def encode(self, prompts: list[str], clip_skip: int = 1) -> list[Condition]:
         """One Condition (context (77·k, 2048), text_embeds (P,)) per prompt; time ids come with `with_time_ids`."""

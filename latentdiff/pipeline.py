@@ -78,7 +78,8 @@ class LatentDiffusionPipeline:
     def _not_for_sdxl(self, what: str) -> None:
         """One sentence for what this slice of SDXL support does not do yet."""
         if self.is_sdxl:
-            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image")
+            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image and "
+                             "image-to-image")
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -292,8 +293,8 @@ class LatentDiffusionPipeline:
         if isinstance(texts, (list, tuple)) and all(isinstance(p, str) for p in texts) and "<lora:" in "".join(texts):
             prompt, tags = self.prompt_loras(list(texts), lora_dir)
         with self.loras.scaled(tags):
-            if image is not None or prompt_embeds is not None:
-                self._not_for_sdxl("image-to-image and inpainting" if image is not None else "prompt_embeds")
+            if prompt_embeds is not None:
+                self._not_for_sdxl("prompt_embeds")
             if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
                 prompt = [""] * len(prompt_embeds)
             prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
@@ -369,6 +370,8 @@ class LatentDiffusionPipeline:
 
     def check_unet(self, inpainting: bool) -> None:
         """A regular UNet takes the latents; an inpainting one (sd-1.5-inpainting) also the mask and masked image."""
+        if inpainting:
+            self._not_for_sdxl("inpainting")
         if self.unet.config.in_channels == self.latent_channels:
             return
         if not self.is_inpainting_model:

@@ -393,9 +393,9 @@ def check_against_model(args, pipe) -> tuple[int, int]:
     try:
         height, width = pipe.check_size(args.H, args.W)
         get_sampler(args.sampler, pipe.schedule, args.scheduler, eta=args.eta).set_timesteps(args.steps)
-        if args.clip_skip > pipe.text_encoder.config.num_hidden_layers:
-            raise ValueError(f"--clip-skip {args.clip_skip} is more than this text encoder's "
-                             f"{pipe.text_encoder.config.num_hidden_layers} layers")
+        if args.clip_skip > pipe.conditioner.max_clip_skip:
+            raise ValueError(f"--clip-skip {args.clip_skip} is more than this model's text encoders allow "
+                             f"({pipe.conditioner.max_clip_skip})")
         pipe.check_unet(inpainting=args.mask is not None)
     except ValueError as e:
         raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")

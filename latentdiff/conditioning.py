@@ -25,12 +25,16 @@ class Condition:
     time_ids: torch.Tensor | None = None
 
     def map(self, fn) -> "Condition":
-        """fn applied to every tensor it holds (rows taken, moved, cast, cloned…)."""
-        return Condition(*(None if x is None else fn(x) for x in self.tensors(all_fields=True)))
+        """fn applied to every tensor it holds (zeroed, cloned…)."""
+        return Condition(*(None if x is None else fn(x) for x in self.fields()))
 
-    def tensors(self, all_fields: bool = False) -> tuple:
-        values = tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-        return values if all_fields else tuple(x for x in values if x is not None)
+    def fields(self) -> tuple:
+        """Every field in order, None included."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def tensors(self) -> tuple:
+        """The tensors it holds, in field order."""
+        return tuple(x for x in self.fields() if x is not None)
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments of UNet2DConditionModel.forward."""
@@ -40,12 +44,16 @@ class Condition:
 
 def stack(conditions: list[Condition]) -> Condition:
     """Per-image conditions → one batch (rows in list order)."""
-    return Condition(*(None if xs[0] is None else torch.stack(xs) for xs in zip(*(c.tensors(True) for c in conditions))))
+    return _join(torch.stack, conditions)
 
 
 def cat(conditions: list[Condition]) -> Condition:
     """Batches → one batch ([uncond; cond] for classifier-free guidance)."""
-    return Condition(*(None if xs[0] is None else torch.cat(xs) for xs in zip(*(c.tensors(True) for c in conditions))))
+    return _join(torch.cat, conditions)
+
+
+def _join(fn, conditions: list[Condition]) -> Condition:
+    return Condition(*(None if xs[0] is None else fn(xs) for xs in zip(*(c.fields() for c in conditions))))
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class CLIPConditioner:
         return [Condition(c) for c in text.encode_prompts(self.tokenizers[0], self.text_encoders[0], prompts, clip_skip)]
 
     def with_time_ids(self, condition: Condition, time_ids: list[int]) -> Condition:
+        """SD 1.x/2.x UNets take no time ids."""
         return condition
 
 
@@ -116,5 +125,6 @@ class SDXLConditioner:
         return [Condition(torch.cat(parts, dim=-1), pooled[i]) for i, parts in enumerate(zip(*contexts))]
 
     def with_time_ids(self, condition: Condition, time_ids: list[int]) -> Condition:
+        """The condition with its (6,) time ids, in the context's dtype (as diffusers' _get_add_time_ids)."""
         ids = torch.tensor(time_ids, dtype=condition.context.dtype, device=condition.context.device)
         return dataclasses.replace(condition, time_ids=ids)

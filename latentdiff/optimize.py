@@ -62,8 +62,8 @@ class CUDAGraphUNet:
     """The UNet call captured once per (batch, height, width, dtype, timestep dtype, context length) into a CUDA graph
     and replayed (float timesteps, as Euler's Karras schedule feeds them, must not land in an int64 buffer).
 
-    Static input buffers receive each call's x_t, t and Condition (context; SDXL's text_embeds, time_ids); the output buffer is overwritten by the next replay
-    (the loop consumes it first). Weights changed in place are seen by the replay; a change of layers (LoRA loaded,
+    Static input buffers receive each call's x_t, t and Condition (context; SDXL's text_embeds and time_ids too); the
+    output buffer is overwritten by the next replay (the loop consumes it first). Weights changed in place are seen by the replay; a change of layers (LoRA loaded,
     merged, unmerged, its scale changed) is detected from the LoRA layers' state and the graphs are captured again.
     If capture fails, the call runs eagerly, with one warning.
     """

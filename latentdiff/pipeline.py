@@ -293,9 +293,8 @@ class LatentDiffusionPipeline:
         if isinstance(texts, (list, tuple)) and all(isinstance(p, str) for p in texts) and "<lora:" in "".join(texts):
             prompt, tags = self.prompt_loras(list(texts), lora_dir)
         with self.loras.scaled(tags):
-            if prompt_embeds is not None:
-                self._not_for_sdxl("prompt_embeds")
             if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
+                self._not_for_sdxl("prompt_embeds")
                 prompt = [""] * len(prompt_embeds)
             prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
             init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,

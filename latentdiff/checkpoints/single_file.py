@@ -161,10 +161,9 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
 
     Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"} (SDXL: + "text_encoder_2",
     "tokenizer_2"); version is "sd1"/"sd2"/"sdxl" when the UNet has the standard SD 1.x/2.x/XL architecture,
-    "sd1-inpainting"/"sd2-inpainting" for its 9-channel
-    inpainting variant (detected from the first convolution's weight), else "custom". Weights load in
-    the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout). `ema`
-    loads the UNet's EMA weights that training checkpoints carry.
+    "sd1-inpainting"/"sd2-inpainting" for its 9-channel inpainting variant (detected from the first convolution's
+    weight), else "custom". Weights load in the dtypes latentdiff.precision's policy gives `precision` on `device`
+    (default float32 throughout). `ema` loads the UNet's EMA weights that training checkpoints carry.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -197,8 +196,7 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
-    tokenizers = {name.replace("text_encoder", "tokenizer"): _tokenizer(config_dir, layout, name.replace("text_encoder", "tokenizer"))
-                  for name in encoders}
+    tokenizers = {t: _tokenizer(config_dir, layout, t) for t in (name.replace("text_encoder", "tokenizer") for name in encoders)}
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -230,10 +228,7 @@ def save_single_file(path, unet, vae, text_encoder, *, text_encoder_2=None, dtyp
     encoder is written in the SD 2.x OpenCLIP layout when it uses gelu (OpenCLIP ViT-H), else in the SD 1.x layout
     (OpenAI CLIP, quick_gelu). An SD 2.x encoder is written with the layers it has.
     """
-    if text_encoder_2 is not None:
-        layout = "sdxl"
-    else:
-        layout = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    layout = "sdxl" if text_encoder_2 is not None else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
     state_dict = {
         **unet_keymap(unet.config).to_original(unet.state_dict()),
         **vae_keymap(vae.config).to_original(vae.state_dict()),

@@ -136,6 +136,8 @@ def test_long_and_weighted_prompts_reach_both_encoders(pipe):
     long = pipe([PROMPTS[0] + " very" * 80 + " blue", PROMPTS[1]], seed=[3, 4], num_inference_steps=2,
                 output_type="pt", progress=False, **SIZE).images
     assert torch.isfinite(long).all()
+    unguided = pipe(PROMPTS, guidance_scale=1.0, seed=[3, 4], num_inference_steps=2, output_type="latents", progress=False)
+    assert unguided.images.shape == (2, 4, 32, 32)  # no unconditional rows; the native 64² size
 
 
 def test_default_size_comes_from_the_model(pipe):

@@ -78,8 +78,8 @@ class LatentDiffusionPipeline:
     def _not_for_sdxl(self, what: str) -> None:
         """One sentence for what this slice of SDXL support does not do yet."""
         if self.is_sdxl:
-            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image and "
-                             "image-to-image")
+            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image, "
+                             "image-to-image and inpainting")
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -369,8 +369,6 @@ class LatentDiffusionPipeline:
 
     def check_unet(self, inpainting: bool) -> None:
         """A regular UNet takes the latents; an inpainting one (sd-1.5-inpainting) also the mask and masked image."""
-        if inpainting:
-            self._not_for_sdxl("inpainting")
         if self.unet.config.in_channels == self.latent_channels:
             return
         if not self.is_inpainting_model:

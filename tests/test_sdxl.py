@@ -1,5 +1,5 @@
-"""SDXL: loading (diffusers folders, sgm single files) and text to image against diffusers' StableDiffusionXLPipeline,
-on a tiny random model of the SDXL architecture (diffusers' own test sizes: CLIP encoders of 5 layers, the second with
+"""SDXL: loading (diffusers folders, sgm single files) and text to image, image-to-image and inpainting against
+diffusers' StableDiffusionXL(Img2Img/Inpaint)Pipeline, on a tiny random model of the SDXL architecture (diffusers' own test sizes: CLIP encoders of 5 layers, the second with
 a 32-wide projection; a UNet with the "text_time" added embedding). The second encoder is 48 wide, not 32: diffusers'
 from_single_file tells the two embedders apart by width and would load the first one's weights into both."""
 import json
@@ -70,13 +70,19 @@ def reference(sdxl_dir):
     return StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
 
 
-def _theirs(reference, sampler: str, prompts=PROMPTS, **kwargs):
+def _diffusers(reference, sampler: str, cls: str | None = None):
+    """diffusers' SDXL pipeline (or its `cls` sibling on the same components) with `sampler`'s scheduler."""
     import diffusers
 
-    reference.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(reference.scheduler.config)
+    ref = reference if cls is None else getattr(diffusers, cls)(**reference.components)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(reference.scheduler.config)
+    return ref
+
+
+def _theirs(reference, sampler: str, prompts=PROMPTS, **kwargs):
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)][:len(prompts)]
-    return reference(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens, output_type="pt", **SIZE,
-                     **kwargs).images
+    return _diffusers(reference, sampler)(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens,
+                                          output_type="pt", **SIZE, **kwargs).images
 
 
 def _ours(pipe, sampler: str, negative=None, prompts=PROMPTS, **kwargs):
@@ -112,19 +118,32 @@ def test_size_conditioning_and_clip_skip_match_diffusers(pipe, reference):
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
 def test_image_to_image_matches_diffusers(pipe, reference, sampler):
     """The init latents' size (here not the native one) is the default original and target size."""
-    import diffusers
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-
     image = torch.rand(2, 3, 40, 32, generator=torch.Generator().manual_seed(0))
-    ours = pipe(PROMPTS, "blurry", image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0, seed=[3, 4],
-                sampler=sampler, output_type="pt", progress=False).images
-    theirs = StableDiffusionXLImg2ImgPipeline(**reference.components)
-    theirs.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(reference.scheduler.config)
-    expected = theirs(PROMPTS, negative_prompt=["blurry"] * 2, image=image, strength=0.6, num_inference_steps=5,
-                      guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
-                      output_type="pt").images
+    kwargs = dict(image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0)
+    ours = pipe(PROMPTS, "blurry", seed=[3, 4], sampler=sampler, output_type="pt", progress=False, **kwargs).images
+    expected = _diffusers(reference, sampler, "StableDiffusionXLImg2ImgPipeline")(
+        PROMPTS, negative_prompt=["blurry"] * 2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="pt", **kwargs).images
     assert ours.shape == expected.shape == (2, 3, 40, 32)
     assert (ours - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("sampler, strength", [("ddim", 1.0), ("euler", 0.7)])
+def test_inpainting_matches_diffusers(pipe, reference, sampler, strength):
+    """A regular SDXL UNet: the kept region re-noised and blended in every step, latents as
+    StableDiffusionXLInpaintPipeline's, pixels too once the original is pasted back (mask_blur=0: no feather)."""
+    from latentdiff import images
+
+    init = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(32, 32)
+    mask[6:22, 10:26] = 1
+    kwargs = dict(image=init, mask_image=mask, num_inference_steps=5, guidance_scale=5.0, strength=strength)
+    ours = pipe(PROMPTS, "blurry", mask_blur=0, seed=[3, 4], sampler=sampler, output_type="pt", progress=False,
+                **kwargs).images
+    expected = _diffusers(reference, sampler, "StableDiffusionXLInpaintPipeline")(
+        PROMPTS, negative_prompt=["blurry"] * 2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="pt", **SIZE, **kwargs).images
+    assert (ours - images.paste_back(expected, init, mask)).abs().max().item() < TOLERANCE
 
 
 def test_long_and_weighted_prompts_reach_both_encoders(pipe):
@@ -208,9 +227,6 @@ def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, mon
     from latentdiff.training.config import ConfigError
     from latentdiff.training.trainer import load_model
 
-    with pytest.raises(ModelError, match="inpainting is not supported for SDXL models yet"):
-        pipe("a cat", image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (32, 32)), num_inference_steps=1,
-             progress=False)
     with pytest.raises(ModelError, match="LoRA is not supported for SDXL"):
         pipe.load_lora(tmp_path / "x.safetensors")
     with pytest.raises(ModelError, match="embedding is not supported for SDXL"):
@@ -248,7 +264,7 @@ def test_shipped_configs_are_sdxl_base_1_0():
         assert "model.diffusion_model." + key in keys
 
 
-def test_batch_script_runs_sdxl_at_its_native_size(sdxl_dir, pipe, tmp_path, capsys):
+def test_batch_script_runs_sdxl_at_its_native_size(sdxl_dir, pipe, tmp_path):
     from latentdiff.commands.generate import main
     from latentdiff.pngmeta import read_params
 
@@ -263,9 +279,10 @@ def test_batch_script_runs_sdxl_at_its_native_size(sdxl_dir, pipe, tmp_path, cap
     Image.fromarray(image).save(tmp_path / "init.png")
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     assert main(["--prompt", "x", "--model", sdxl_dir, "--outdir", tmp_path / "o2", "--init-image", tmp_path / "init.png",
-                 "--mask", tmp_path / "mask.png", "--precision", "fp32", "--no-progress"]) == 2
-    assert "inpainting is not supported for SDXL models yet" in capsys.readouterr().err
-    assert not (tmp_path / "o2" / "samples").exists() or not list((tmp_path / "o2" / "samples").iterdir())
+                 "--mask", tmp_path / "mask.png", "--steps", "2", "--precision", "fp32", "--no-progress",
+                 "--skip-grid"]) == 0
+    (png,) = (tmp_path / "o2" / "samples").glob("*.png")
+    assert "Mask blur" in read_params(png).extra and "Denoising strength" in read_params(png).extra
 
 
 def test_graph_replay_wrapper_carries_the_added_conditioning(pipe):

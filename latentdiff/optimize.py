@@ -62,8 +62,8 @@ class CUDAGraphUNet:
     """The UNet call captured once per (batch, height, width, dtype, timestep dtype, context length) into a CUDA graph
     and replayed (float timesteps, as Euler's Karras schedule feeds them, must not land in an int64 buffer).
 
-    Static input buffers receive each call's x_t, t and context; the output buffer is overwritten by the next replay
-    (the loop consumes it first). Weights changed in place are seen by the replay; a change of layers (LoRA loaded,
+    Static input buffers receive each call's x_t, t and Condition (context; SDXL's text_embeds and time_ids too); the
+    output buffer is overwritten by the next replay (the loop consumes it first). Weights changed in place are seen by the replay; a change of layers (LoRA loaded,
     merged, unmerged, its scale changed) is detected from the LoRA layers' state and the graphs are captured again.
     If capture fails, the call runs eagerly, with one warning.
     """
@@ -90,40 +90,39 @@ class CUDAGraphUNet:
         return tuple((m.merged, tuple(m.active_adapters), tuple(sorted(getattr(m, "scaling", {}).items())))
                      for m in self._lora_layers)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         if self._failed or torch.is_grad_enabled():
-            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+            return self.unet(x, t, **condition.unet_kwargs(), return_dict=False)[0]
         token = self._lora_token()
         if token != self._token:
             self._graphs.clear()
             self._token = token
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, *((tuple(c.shape), c.dtype) for c in condition.tensors()))
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._capture(x, t, context)
+                self._graphs[key] = self._capture(x, t, condition)
             except Exception as e:  # noqa: BLE001 — any capture failure: eager is always correct
                 logger.warning("CUDA graph capture of the UNet failed (%s); running it eagerly", e)
                 self._failed = True
-                return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        graph, static_x, static_t, static_context, out = self._graphs[key]
-        static_x.copy_(x)
-        static_t.copy_(t)
-        static_context.copy_(context)
+                return self.unet(x, t, **condition.unet_kwargs(), return_dict=False)[0]
+        graph, static_x, static_t, static_condition, out = self._graphs[key]
+        for static, value in ((static_x, x), (static_t, t), *zip(static_condition.tensors(), condition.tensors())):
+            static.copy_(value)
         graph.replay()
         return out
 
-    def _capture(self, x, t, context):
-        static_x, static_t, static_context = x.clone(), t.clone(), context.clone()
+    def _capture(self, x, t, condition):
+        static_x, static_t, static_condition = x.clone(), t.clone(), condition.map(torch.clone)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs requires
             for _ in range(self.warmup):
-                self.unet(static_x, static_t, encoder_hidden_states=static_context, return_dict=False)
+                self.unet(static_x, static_t, **static_condition.unet_kwargs(), return_dict=False)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.unet(static_x, static_t, encoder_hidden_states=static_context, return_dict=False)[0]
-        return graph, static_x, static_t, static_context, out
+            out = self.unet(static_x, static_t, **static_condition.unet_kwargs(), return_dict=False)[0]
+        return graph, static_x, static_t, static_condition, out
 
 
 def use_channels_last(*models: torch.nn.Module) -> None:

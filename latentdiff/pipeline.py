@@ -1,6 +1,7 @@
 """Inference only: prompts → images with a Stable Diffusion-layout model (diffusers UNet/VAE, CLIP text encoder)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from . import images, text
+from .conditioning import CLIPConditioner, Condition, SDXLConditioner, SizeConditioning, cat, stack
 from .config import DEFAULTS
 from .devices import default_device
 from .errors import ModelError
@@ -47,23 +49,44 @@ def _as_list(x, n: int, what: str) -> list:
 
 
 class LatentDiffusionPipeline:
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig, *, name: str = "", source: Path | None = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig, *, text_encoder_2=None,
+                 tokenizer_2=None, force_zeros_for_empty_prompt: bool = True, name: str = "", source: Path | None = None):
+        """SD 1.x/2.x: one text encoder; SDXL (a UNet with the "text_time" added embedding): `text_encoder_2` (ViT-bigG
+        with projection) and `tokenizer_2` too, and `force_zeros_for_empty_prompt` as in its model_index.json."""
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.schedule = schedule
         self.name = name
         self.source = source  # file or folder the weights came from (for the PNG "Model hash")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.denoiser = EagerUNet(unet)  # ε(x_t, t, context); optimize.py may swap in CUDA-graph replay
+        self.is_sdxl = unet.config.get("addition_embed_type") == "text_time"
+        if self.is_sdxl != (text_encoder_2 is not None and tokenizer_2 is not None):
+            raise ModelError("an SDXL UNet (added \"text_time\" embedding) needs text_encoder_2 and tokenizer_2, and only "
+                             "it takes them")
+        self.conditioner = (SDXLConditioner((tokenizer, tokenizer_2), (text_encoder, text_encoder_2),
+                                            zero_empty_negative=force_zeros_for_empty_prompt)
+                            if self.is_sdxl else CLIPConditioner(tokenizer, text_encoder))
+        self.denoiser = EagerUNet(unet)  # ε(x_t, t, condition); optimize.py may swap in CUDA-graph replay
         self.loras = Loras(unet, text_encoder)
         self.embeddings = Embeddings(tokenizer, text_encoder)
         self._hash: str | None = None
+
+    @property
+    def text_encoders(self) -> tuple:
+        return self.conditioner.text_encoders
+
+    def _not_for_sdxl(self, what: str) -> None:
+        """One sentence for what this slice of SDXL support does not do yet."""
+        if self.is_sdxl:
+            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image, "
+                             "image-to-image and inpainting")
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, folder, *, device=None, precision: str = "auto") -> "LatentDiffusionPipeline":
         """A diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a CLI
@@ -79,20 +102,31 @@ class LatentDiffusionPipeline:
         # transformers ≥ 5 reads both key spellings (with and without the `text_model.` prefix real SD folders carry).
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtypes.text_encoder)
         tokenizer, schedule = _read_tokenizer_and_schedule(folder)
-        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder).to(device)
+        sdxl = {}
+        if (folder / "text_encoder_2" / "config.json").is_file():  # StableDiffusionXLPipeline's layout
+            index = folder / "model_index.json"
+            sdxl = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
+                                                                                  torch_dtype=dtypes.text_encoder),
+                    "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+                    "force_zeros_for_empty_prompt": (json.loads(index.read_text()) if index.is_file() else {})
+                    .get("force_zeros_for_empty_prompt", True)}
+        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder,
+                   **sdxl).to(device)
 
     @classmethod
     def from_single_file(cls, path, *, device=None, precision: str = "auto", config_dir=None, prediction_type=None,
                          ema: bool = False) -> "LatentDiffusionPipeline":
-        """An original (CompVis/Stability) SD 1.x/2.x checkpoint, `.safetensors` or weights-only `.ckpt` (`ema`: its
-        UNet's EMA weights)."""
+        """An original (CompVis/Stability) SD 1.x/2.x or SDXL (sgm) checkpoint, `.safetensors` or weights-only `.ckpt`
+        (`ema`: its UNet's EMA weights)."""
         from .checkpoints import load_single_file
 
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
         parts = load_single_file(path, config_dir=config_dir, prediction_type=prediction_type, precision=precision,
                                  device=device, ema=ema)
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["schedule"], name=path.stem, source=path).to(device)
+        sdxl = {k: parts[k] for k in ("text_encoder_2", "tokenizer_2") if k in parts}
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["schedule"], name=path.stem,
+                   source=path, **sdxl).to(device)
 
     @classmethod
     def from_config(cls, config_dir, *, seed: int = 0) -> "LatentDiffusionPipeline":
@@ -109,20 +143,23 @@ class LatentDiffusionPipeline:
         return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=config_dir.name)
 
     def save_pretrained(self, folder, *, dtype: torch.dtype | None = None) -> None:
-        """Write a diffusers-format folder (that diffusers' StableDiffusionPipeline loads) atomically: built beside it, then swapped in."""
+        """Write a diffusers-format folder (that diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline, loads)
+        atomically: built beside it, then swapped in."""
         from safetensors.torch import save_file
+
+        from .checkpoints import folder_text_encoder_state
 
         with atomic_dir(folder) as tmp:
             for sub, model in (("unet", self.unet), ("vae", self.vae)):
                 model.save_pretrained(tmp / sub, safe_serialization=True)
                 if dtype is not None:
                     _recast_safetensors(tmp / sub / "diffusion_pytorch_model.safetensors", dtype)
-            self.text_encoder.config.save_pretrained(tmp / "text_encoder")
-            # The `text_model.` prefix is the layout real SD folders (and transformers 4) use.
-            state = {("" if k.startswith("text_model.") else "text_model.") + k: v.detach().to(dtype or v.dtype).contiguous()
-                     for k, v in self.text_encoder.state_dict().items() if not k.endswith("position_ids")}
-            save_file(state, tmp / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            suffixes = ("", "_2") if self.is_sdxl else ("",)
+            for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.conditioner.tokenizers):
+                encoder.config.save_pretrained(tmp / f"text_encoder{suffix}")
+                state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in folder_text_encoder_state(encoder).items()}
+                save_file(state, tmp / f"text_encoder{suffix}" / "model.safetensors", metadata={"format": "pt"})
+                tokenizer.save_pretrained(tmp / f"tokenizer{suffix}")
             (tmp / "scheduler").mkdir()
             sched = {"_class_name": "DDIMScheduler", **self.schedule.to_diffusers(), "clip_sample": False, "set_alpha_to_one": False}
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
@@ -134,10 +171,16 @@ class LatentDiffusionPipeline:
                 "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
                 "requires_safety_checker": False,
             }
+            if self.is_sdxl:
+                index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
+                index |= {"_class_name": "StableDiffusionXLPipeline",
+                          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                          "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                          "force_zeros_for_empty_prompt": self.conditioner.zero_empty_negative}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in (self.unet, self.vae, *self.text_encoders):
             model.to(device) if dtype is None else model.to(device, dtype)
             model.eval().requires_grad_(False)
         return self
@@ -145,6 +188,7 @@ class LatentDiffusionPipeline:
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA file (latentdiff's, diffusers' or kohya/A1111's layout) as adapter `name` (default: from the
         file name) at `scale`, beside those already loaded; returns its name."""
+        self._not_for_sdxl("LoRA")
         name = self.loras.load(path, scale=scale, name=name)
         self.denoiser.reset()  # new layers in the UNet: captured graphs would not run them
         return name
@@ -160,6 +204,7 @@ class LatentDiffusionPipeline:
     def load_embedding(self, path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds) as the word `token`
         (default: the file name, or the token a diffusers file stores); returns the word prompts use."""
+        self._not_for_sdxl("a textual-inversion embedding")
         return self.embeddings.load(path, token)
 
     def prompt_loras(self, prompts: list[str], lora_dir=None) -> tuple[list[str], dict[str, float]]:
@@ -226,19 +271,30 @@ class LatentDiffusionPipeline:
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
         lora_dir: str | Path | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationOutput:
         """Text to image; with `image`, image-to-image; with `image` and `mask_image`, inpainting.
 
         check → generators → encode prompts → initial latents (noise, or the init latents noised to `strength`) →
         denoise (inpainting: the 9-channel UNet sees the mask, a regular one gets the kept region blended back in
         every step) → decode (→ the original pixels pasted back outside the feathered mask). A1111's `<lora:name:w>`
-        tags in the prompts apply those LoRAs (from `lora_dir`, see prompt_loras) to this call only.
+        tags in the prompts apply those LoRAs (from `lora_dir`, see prompt_loras) to this call only. SDXL models take
+        the size and crop micro-conditioning (`original_size`, … as diffusers' StableDiffusionXLPipeline; see
+        conditioning.SizeConditioning).
         """
+        sizes = SizeConditioning(original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
+                                 negative_crops_coords_top_left, negative_target_size)
         texts, tags = [prompt] if isinstance(prompt, str) else prompt, {}
         if isinstance(texts, (list, tuple)) and all(isinstance(p, str) for p in texts) and "<lora:" in "".join(texts):
             prompt, tags = self.prompt_loras(list(texts), lora_dir)
         with self.loras.scaled(tags):
             if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
+                self._not_for_sdxl("prompt_embeds")
                 prompt = [""] * len(prompt_embeds)
             prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
             init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
@@ -255,7 +311,8 @@ class LatentDiffusionPipeline:
             seeds, generators = make_generators(len(prompts), seed, generator)
             do_cfg = guidance_scale > 1.0
             if prompt_embeds is None:
-                context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip)
+                context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip,
+                                             size=(height, width, sizes))
             else:
                 context = self.embeds_context(prompt_embeds, negative_prompt_embeds, negatives, num_images_per_prompt,
                                               do_cfg, clip_skip)
@@ -358,28 +415,37 @@ class LatentDiffusionPipeline:
         work = max(16 * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
         return (2 if guidance else 1) * batch * (skips + work) * self.dtype.itemsize
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None, *, clip_skip: int = 1):
-        """Context (B, 77·k, D); with negatives, [uncond; cond] (2B, 77·k, D) for one CFG batch through the UNet.
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None = None, *, clip_skip: int = 1,
+                      size: tuple[int, int, SizeConditioning] | None = None):
+        """The UNet's Condition: context (B, 77·k, D) (SDXL: + text_embeds, time_ids); with negatives, [uncond; cond]
+        (2B rows) for one CFG batch through the UNet.
 
         Prompts use A1111's syntax (weights, BREAK) and any length (75-token chunks, text.encode_prompts); an image's
-        negative is padded with empty chunks to its prompt's length or the other way round. Images whose contexts
-        differ in length go through the UNet in separate groups: a list of (image indices, context) — never padded
-        to a batch mate's length, so an image does not depend on its batch.
+        negative is padded with empty chunks to its prompt's length or the other way round (SDXL: an empty negative
+        is zeros, `conditioner.zero_empty_negative`). Images whose contexts differ in length go through the UNet in
+        separate groups: a list of (image indices, Condition) — never padded to a batch mate's length, so an image
+        does not depend on its batch. `size`: (height, width, SDXL's size conditioning), default the native size.
         """
+        height, width, sizes = size or (*self.check_size(None, None), SizeConditioning())
+        time_ids, negative_time_ids = sizes.time_ids(height, width)
         encoded = self._encode_texts((negatives or []) + prompts, clip_skip)
         conds = encoded[len(negatives or []):]
         pairs = [(u, c) for u, c in zip(encoded, conds)] if negatives is not None else [(None, c) for c in conds]
-        if any(u is not None and len(u) != len(c) for u, c in pairs):
+        if any(u is not None and _length(u) != _length(c) for u, c in pairs):
             pad = self._empty_chunk(clip_skip)
-            pairs = [(_pad_to(u, len(c), pad), _pad_to(c, len(u), pad)) if u is not None else (u, c) for u, c in pairs]
+            pairs = [(_pad_to(u, _length(c), pad), _pad_to(c, _length(u), pad)) if u is not None else (u, c) for u, c in pairs]
+        if negatives is not None and self.conditioner.zero_empty_negative:
+            pairs = [(c.map(torch.zeros_like) if n == "" else u, c) for n, (u, c) in zip(negatives, pairs)]
+        with_ids = self.conditioner.with_time_ids
+        pairs = [(None if u is None else with_ids(u, negative_time_ids), with_ids(c, time_ids)) for u, c in pairs]
         return _group_contexts(pairs)
 
     def embeds_context(self, prompt_embeds, negative_prompt_embeds, negatives, per_prompt: int, do_cfg: bool, clip_skip):
-        """The context for caller-made `prompt_embeds` (n, L, D): negatives from `negative_prompt_embeds`, else encoded
-        from the negative prompts (padded with empty chunks to L)."""
+        """The Condition for caller-made `prompt_embeds` (n, L, D): negatives from `negative_prompt_embeds`, else
+        encoded from the negative prompts (padded with empty chunks to L)."""
         cond = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(per_prompt, dim=0)
         if not do_cfg:
-            return cond
+            return Condition(cond)
         if negative_prompt_embeds is not None:
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds {tuple(prompt_embeds.shape)}, "
@@ -387,21 +453,20 @@ class LatentDiffusionPipeline:
             uncond = negative_prompt_embeds.to(cond).repeat_interleave(per_prompt, dim=0)
         else:
             pad = self._empty_chunk(clip_skip)
-            uncond = torch.stack([_pad_to(u, cond.shape[1], pad)
+            uncond = torch.stack([_pad_to(u, cond.shape[1], pad).context
                                   for u in self._encode_texts(negatives, clip_skip)])
             if uncond.shape[1] != cond.shape[1]:
                 raise ValueError(f"the negative prompt needs {uncond.shape[1]} tokens of context, prompt_embeds have "
                                  f"{cond.shape[1]}; pass negative_prompt_embeds")
-        return torch.cat([uncond, cond])
+        return Condition(torch.cat([uncond, cond]))
 
-    def _encode_texts(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
-        """text.encode_prompts, with the loaded embeddings' words expanded to their tokens."""
-        return text.encode_prompts(self.tokenizer, self.text_encoder, [self.embeddings.expand(p) for p in prompts],
-                                   clip_skip)
+    def _encode_texts(self, prompts: list[str], clip_skip: int) -> list[Condition]:
+        """The conditioner's encoding, with the loaded embeddings' words expanded to their tokens."""
+        return self.conditioner.encode([self.embeddings.expand(p) for p in prompts], clip_skip)
 
-    def _empty_chunk(self, clip_skip: int) -> torch.Tensor:
-        """The context (77, D) of one empty chunk: what a shorter prompt or negative is padded with (as A1111)."""
-        return text.encode_prompts(self.tokenizer, self.text_encoder, [""], clip_skip)[0]
+    def _empty_chunk(self, clip_skip: int) -> Condition:
+        """The Condition of one empty chunk (context (77, D)): what a shorter prompt or negative is padded with (as A1111)."""
+        return self.conditioner.encode([""], clip_skip)[0]
 
     def prepare_latents(self, n: int, height: int, width: int, generators, scheduler, latents=None) -> torch.Tensor:
         """x_T ~ N(0, σ_max² I): standard noise drawn on the CPU per image (or the given `latents`), scaled."""
@@ -465,7 +530,7 @@ class LatentDiffusionPipeline:
     def predict(self, x_in, t, context, guidance_scale: float | None, guidance_rescale: float = 0.0) -> torch.Tensor:
         """The model output for x_t (B, C, h, w), float32: with guidance, one UNet call on [x; x] and
         ε̂ = ε_u + s·(ε_c − ε_u) (rescaled by φ = guidance_rescale); per group when contexts differ in length."""
-        if not isinstance(context, torch.Tensor):
+        if isinstance(context, list):
             out = torch.empty(x_in.shape[0], self.unet.config.out_channels, *x_in.shape[2:], device=x_in.device)
             for index, group_context in context:
                 out[index] = self.predict(x_in[index], t, group_context, guidance_scale, guidance_rescale)
@@ -488,26 +553,33 @@ class LatentDiffusionPipeline:
         return encode_pixels(self.vae, pixels, generator)
 
 
-def _pad_to(context: torch.Tensor, length: int, empty_chunk: torch.Tensor) -> torch.Tensor:
-    """(L, D) context padded with empty-prompt chunks (77, D) to `length` tokens (as A1111 pads a shorter negative)."""
-    missing = (length - len(context)) // len(empty_chunk)
-    return torch.cat([context, *[empty_chunk] * missing]) if missing > 0 else context
+def _length(condition: Condition) -> int:
+    return len(condition.context)
+
+
+def _pad_to(condition: Condition, length: int, empty_chunk: Condition) -> Condition:
+    """An image's context (L, D) padded with empty-prompt chunks (77, D) to `length` tokens (as A1111 pads a shorter
+    negative); SDXL's text_embeds stay the first chunk's."""
+    missing = (length - _length(condition)) // _length(empty_chunk)
+    if missing <= 0:
+        return condition
+    return dataclasses.replace(condition, context=torch.cat([condition.context, *[empty_chunk.context] * missing]))
 
 
 def _group_contexts(pairs):
-    """One (2B or B, L, D) tensor when every image's context has one length (uncond rows first); else a list of
-    (image indices, context) groups of equal length."""
-    lengths = [len(c) for _, c in pairs]
+    """One Condition (2B or B rows) when every image's context has one length (uncond rows first); else a list of
+    (image indices, Condition) groups of equal length."""
+    lengths = [_length(c) for _, c in pairs]
 
-    def stack(members):
-        conds = torch.stack([pairs[i][1] for i in members])
-        return conds if pairs[0][0] is None else torch.cat([torch.stack([pairs[i][0] for i in members]), conds])
+    def rows(members):
+        conds = stack([pairs[i][1] for i in members])
+        return conds if pairs[0][0] is None else cat([stack([pairs[i][0] for i in members]), conds])
 
     if len(set(lengths)) == 1:
-        return stack(range(len(pairs)))
-    device = pairs[0][1].device
+        return rows(range(len(pairs)))
+    device = pairs[0][1].context.device
     return [(torch.tensor([i for i, n in enumerate(lengths) if n == length], device=device),
-             stack([i for i, n in enumerate(lengths) if n == length])) for length in sorted(set(lengths))]
+             rows([i for i, n in enumerate(lengths) if n == length])) for length in sorted(set(lengths))]
 
 
 def standard_noise(shape: tuple, generators, given: torch.Tensor | None = None) -> torch.Tensor:
@@ -527,13 +599,13 @@ def check_latents(latents: torch.Tensor) -> None:
 
 
 class EagerUNet:
-    """The UNet called as the denoising loop needs it: (x_t, t, context) → model output."""
+    """The UNet called as the denoising loop needs it: (x_t, t, Condition) → model output."""
 
     def __init__(self, unet):
         self.unet = unet
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.unet(x, t, **condition.unet_kwargs(), return_dict=False)[0]
 
     def reset(self) -> None:
         """Forget anything derived from the UNet's current layers (nothing here)."""

@@ -130,6 +130,30 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
     """
     chunked = [chunk_ids(tokenizer, p) for p in prompts]
     hidden = encode_hidden(text_encoder, torch.cat([ids for ids, _ in chunked]), clip_skip)  # (Σk, 77, D)
+    return _weighted(hidden, chunked)
+
+
+def encode_prompts_sdxl(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1):
+    """SDXL's use of one of its two encoders: (contexts (77·k, D) per prompt, pooled (n, P) or None).
+
+    The context is the hidden state `clip_skip` layers before the last one (1: the penultimate), without the final
+    layer norm (sgm's layer="penultimate"; diffusers' clip_skip = k − 1 reads hidden_states[−(k + 1)]), weighted as
+    in `encode_prompts`. `pooled` is a CLIPTextModelWithProjection's projected output (ViT-bigG's `text_embeds`) of
+    each prompt's first chunk (as A1111 takes it); None for an encoder without a projection.
+    """
+    layers = text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip < layers:
+        raise ValueError(f"clip_skip must be between 1 and {layers - 1} for SDXL (its text encoder has {layers} "
+                         f"layers), got {clip_skip}")
+    chunked = [chunk_ids(tokenizer, p) for p in prompts]
+    out = text_encoder(torch.cat([ids for ids, _ in chunked]).to(text_encoder.device), output_hidden_states=True)
+    first = torch.tensor([0, *[len(ids) for ids, _ in chunked[:-1]]]).cumsum(0)  # each prompt's first chunk
+    pooled = out.text_embeds[first.to(out.text_embeds.device)] if hasattr(out, "text_embeds") else None
+    return _weighted(out.hidden_states[-(clip_skip + 1)], chunked), pooled
+
+
+def _weighted(hidden: torch.Tensor, chunked) -> list[torch.Tensor]:
+    """(Σk, 77, D) hidden states → one (77·k, D) context per prompt, its tokens' weights applied as A1111 does."""
     contexts = list(hidden.split([len(ids) for ids, _ in chunked]))
     for i, (_, weights) in enumerate(chunked):
         if not torch.all(weights == 1):

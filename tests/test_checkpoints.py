@@ -260,13 +260,13 @@ def test_bad_files_get_one_clear_error(sd1_file, tmp_path):
         read_state_dict(junk)
     other = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match=r"does not look like a Stable Diffusion 1.x/2.x checkpoint"):
+    with pytest.raises(CheckpointError, match=r"does not look like a Stable Diffusion 1.x/2.x/XL checkpoint"):
         load_single_file(other)
 
 
 @pytest.mark.parametrize("keys, what", [
-    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-      "model.diffusion_model.input_blocks.0.0.weight"], "an SDXL checkpoint: latentdiff supports SD 1.x/2.x"),
+    (["conditioner.embedders.0.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"],
+     "an SDXL refiner checkpoint: latentdiff runs SD 1.x/2.x and SDXL base models"),
     (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "an SD3 checkpoint"),
     (["double_blocks.0.img_attn.qkv.weight"], "a Flux checkpoint"),
     (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "a Flux checkpoint"),

@@ -56,16 +56,16 @@ class ReplayedEagerly(CUDAGraphUNet):
 
     captures = 0
 
-    def _capture(self, x, t, context):
+    def _capture(self, x, t, condition):
         type(self).captures += 1
-        static_x, static_t, static_context = x.clone(), t.clone(), context.clone()
-        out = self.unet(static_x, static_t, encoder_hidden_states=static_context, return_dict=False)[0]
+        static_x, static_t, static_condition = x.clone(), t.clone(), condition.map(torch.clone)
+        out = self.unet(static_x, static_t, **static_condition.unet_kwargs(), return_dict=False)[0]
 
         class Graph:
             def replay(_):
-                out.copy_(self.unet(static_x, static_t, encoder_hidden_states=static_context, return_dict=False)[0])
+                out.copy_(self.unet(static_x, static_t, **static_condition.unet_kwargs(), return_dict=False)[0])
 
-        return Graph(), static_x, static_t, static_context, out
+        return Graph(), static_x, static_t, static_condition, out
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def files(tmp_path_factory):
 
 
 def _context(pipe, prompt):
-    return pipe._encode_texts([prompt], clip_skip=1)[0]
+    return pipe._encode_texts([prompt], clip_skip=1)[0].context
 
 
 @pytest.mark.parametrize("file, token, prompt", [

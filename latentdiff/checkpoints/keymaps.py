@@ -18,6 +18,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x: OpenAI CLIP ViT-L/14, HF layout
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL (sgm): OpenAI CLIP ViT-L/14, HF layout
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG/14
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class KeyMap:
     modules: dict[str, str]  # diffusers module (or parameter) path -> original path; unlisted paths are equal
     conv1x1: frozenset[str] = frozenset()  # diffusers Linear layers stored as 1x1 Conv2d in the original
     fused_qkv: dict[str, str] = field(default_factory=dict)  # diffusers attention -> original with in_proj_{weight,bias}
+    transposed: frozenset[str] = frozenset()  # diffusers Linear weights stored as the (in, out) matrix x @ W of the original
     ignore: str | None = None  # regex for original keys (after the prefix) that are dropped on load
 
     def original_key(self, key: str) -> str:
@@ -54,6 +57,8 @@ class KeyMap:
                 continue
             if key.rsplit(".", 1)[0] in self.conv1x1 and tensor.ndim == 2:
                 tensor = tensor[:, :, None, None]
+            elif key in self.transposed:
+                tensor = tensor.T
             out[self.prefix + self.original_key(key)] = tensor
         for key, chunks in qkv.items():
             out[self.prefix + key] = torch.cat(chunks)
@@ -80,6 +85,8 @@ class KeyMap:
                 tensor = tensor.chunk(3)[chunk].clone()  # own storage, so the model saves with safetensors
             elif key.rsplit(".", 1)[0] in self.conv1x1 and tensor.ndim == 4:
                 tensor = tensor[:, :, 0, 0]
+            elif key in self.transposed:
+                tensor = tensor.T.contiguous()
             out[key] = tensor
         unexpected = [
             k for k in state_dict
@@ -115,6 +122,8 @@ def unet_keymap(config) -> KeyMap:
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
         "mid_block.attentions.0": "middle_block.1",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size/crop embedding (sgm's label_emb)
+        m |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     _resnet(m, "mid_block.resnets.0", "middle_block.0")
     _resnet(m, "mid_block.resnets.1", "middle_block.2")
     for i, kind in enumerate(config["down_block_types"]):
@@ -168,19 +177,21 @@ def vae_keymap(config) -> KeyMap:
     return KeyMap("VAE", VAE_PREFIX, m, frozenset(conv1x1))
 
 
-def clip_keymap() -> KeyMap:
-    """CLIPTextModel <-> SD 1.x `cond_stage_model.transformer`: already the transformers layout.
+def clip_keymap(prefix: str = CLIP_PREFIX) -> KeyMap:
+    """CLIPTextModel <-> SD 1.x `cond_stage_model.transformer` (SDXL: `conditioner.embedders.0.transformer`): already
+    the transformers layout.
 
     Diffusers keys are written without `text_model.` (the transformers 5 spelling).
     """
-    return KeyMap("text encoder", CLIP_PREFIX, {}, ignore=r"embeddings\.position_ids$")
+    return KeyMap("text encoder", prefix, {}, ignore=r"embeddings\.position_ids$")
 
 
-def openclip_keymap(num_layers: int) -> KeyMap:
-    """CLIPTextModel <-> SD 2.x OpenCLIP text tower.
+def openclip_keymap(num_layers: int, prefix: str = OPENCLIP_PREFIX, projection: bool = False) -> KeyMap:
+    """CLIPTextModel <-> SD 2.x OpenCLIP text tower; with `projection`, CLIPTextModelWithProjection <-> SDXL's ViT-bigG.
 
     SD 2.x conditions on the penultimate layer, so the diffusers model has one layer fewer than the
-    checkpoint: the extra resblocks, `text_projection` and `logit_scale` are dropped on load.
+    checkpoint: the extra resblocks, `text_projection` and `logit_scale` are dropped on load. SDXL keeps every layer
+    (it reads the penultimate hidden state itself) and the projection, which OpenCLIP applies as x @ P: P = W^T.
     """
     m = {
         "embeddings.token_embedding": "token_embedding",
@@ -196,5 +207,8 @@ def openclip_keymap(num_layers: int) -> KeyMap:
         })
         fused[f"{d}.self_attn"] = f"{o}.attn"
     resblock = rf"transformer\.resblocks\.(?!({'|'.join(map(str, range(num_layers)))})\.)\d+\."
-    return KeyMap("text encoder", OPENCLIP_PREFIX, m, fused_qkv=fused,
-                  ignore=rf"(text_projection|logit_scale|attn_mask)$|{resblock}")
+    if projection:
+        m["text_projection.weight"] = "text_projection"
+    return KeyMap("text encoder 2" if projection else "text encoder", prefix, m, fused_qkv=fused,
+                  transposed=frozenset({"text_projection.weight"} if projection else ()),
+                  ignore=rf"({'' if projection else 'text_projection|'}logit_scale|attn_mask)$|{resblock}")

@@ -37,18 +37,24 @@ def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what
 
 
 def text_encoder_state(model) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights keyed without `text_model.`, whatever the transformers version."""
+    """A CLIPTextModel's (or CLIPTextModelWithProjection's) weights keyed without `text_model.`, whatever the
+    transformers version; the projection stays `text_projection.weight`."""
     return {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
+def folder_text_encoder_state(model) -> dict[str, torch.Tensor]:
+    """The keys of a diffusers folder's text_encoder(_2)/model.safetensors: `text_model.…`, and `text_projection.weight`
+    beside it (the layout real SD/SDXL folders and transformers 4 use)."""
+    return {(k if k.startswith("text_projection.") else TEXT_MODEL_PREFIX + k): v for k, v in text_encoder_state(model).items()}
+
+
 def load_text_encoder_state(model, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load CLIPTextModel weights strictly, with or without the `text_model.` key prefix.
+    """Load CLIPTextModel(WithProjection) weights strictly, with or without the `text_model.` key prefix.
 
     transformers 5 names the keys `embeddings.…`, older versions and SD files `text_model.embeddings.…`;
     both load into either. Only `position_ids` buffers are ignored.
     """
-    prefix = TEXT_MODEL_PREFIX if any(k.startswith(TEXT_MODEL_PREFIX) for k in model.state_dict()) else ""
-    state_dict = {
-        prefix + k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state_dict.items() if not k.endswith("position_ids")
-    }
+    expected = model.state_dict()
+    bare = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    state_dict = {(k if k in expected else TEXT_MODEL_PREFIX + k): v for k, v in bare.items()}
     load_state(model, state_dict, "text encoder")

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x/2.x single files (original CompVis/Stability layout) <-> diffusers/transformers models."""
+"""Stable Diffusion 1.x/2.x and SDXL single files (original CompVis/Stability/sgm layout) <-> diffusers/transformers models."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +13,16 @@ from ..precision import component_dtypes
 from ..schedulers.schedules import ScheduleConfig
 from ..text import build_clip_tokenizer
 from .files import CheckpointError, read_metadata_config, read_state_dict, write_safetensors
-from .keymaps import OPENCLIP_PREFIX, UNET_PREFIX, clip_keymap, openclip_keymap, unet_keymap, vae_keymap
+from .keymaps import (CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, UNET_PREFIX, KeyMap,
+                      clip_keymap, openclip_keymap, unet_keymap, vae_keymap)
 from .models import build_empty, cast, load_state, load_text_encoder_state, text_encoder_state
 
-SHIPPED_CONFIGS = resources.files("latentdiff") / "configs"  # sd1/, sd2/: the published SD 1.5 / 2.1 configs
+SHIPPED_CONFIGS = resources.files("latentdiff") / "configs"  # sd1/, sd2/, sdxl/: the published SD 1.5 / 2.1 / XL 1.0 configs
 CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
 # UNet config entries that tell SD 1.x/2.x apart from other architectures in the same layout
@@ -34,11 +36,16 @@ def _read_json(root, name: str) -> dict:
     return json.loads((root / CONFIG_FILES[name]).read_text())
 
 
+def _components(layout: str) -> tuple[str, ...]:
+    """The config files a layout has (SDXL: a second text encoder)."""
+    return tuple(n for n in CONFIG_FILES if n != "text_encoder_2" or layout == "sdxl")
+
+
 # What a file is when it is not an SD 1.x/2.x checkpoint: (a key prefix or part that only it has, what it is)
 _OTHER_FILES = (
-    ("conditioner.embedders.", "an SDXL checkpoint: latentdiff supports SD 1.x/2.x"),
-    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint: latentdiff supports SD 1.x/2.x"),
-    ("double_blocks.", "a Flux checkpoint: latentdiff supports SD 1.x/2.x"),
+    ("conditioner.embedders.0.model.", "an SDXL refiner checkpoint: latentdiff runs SD 1.x/2.x and SDXL base models"),
+    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint: latentdiff runs SD 1.x/2.x and SDXL"),
+    ("double_blocks.", "a Flux checkpoint: latentdiff runs SD 1.x/2.x and SDXL"),
     ("lora_unet_", "a LoRA file: apply it to a model with --lora or load_lora()"),
     ("lora_te_", "a LoRA file: apply it to a model with --lora or load_lora()"),
     (".lora_A.", "a LoRA file: apply it to a model with --lora or load_lora()"),
@@ -48,7 +55,7 @@ _OTHER_FILES = (
 
 
 def _what_else(state_dict) -> str | None:
-    """One phrase naming a file that is not an SD 1.x/2.x checkpoint, or None."""
+    """One phrase naming a file that is not an SD 1.x/2.x or SDXL checkpoint, or None."""
     for part, what in _OTHER_FILES:
         if any(k.startswith(part) or (part.startswith(".") and part in k) or k.removeprefix("model.diffusion_model.")
                .startswith(part) for k in state_dict):
@@ -63,21 +70,23 @@ def _what_else(state_dict) -> str | None:
 
 
 def _detect_layout(path, state_dict) -> str:
-    """"sd1" (OpenAI CLIP text encoder) or "sd2" (OpenCLIP), from the key names."""
+    """"sd1" (OpenAI CLIP text encoder), "sd2" (OpenCLIP) or "sdxl" (sgm's two embedders), from the key names."""
     what = _what_else(state_dict)
     if what is not None:
         raise CheckpointError(f"{path} is {what}.")
     if not any(k.startswith(UNET_PREFIX) for k in state_dict):
         raise CheckpointError(
-            f"{path} does not look like a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* keys)."
+            f"{path} does not look like a Stable Diffusion 1.x/2.x/XL checkpoint (no model.diffusion_model.* keys)."
         )
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in state_dict):
+        return "sdxl"
     if any(k.startswith("cond_stage_model.transformer.") for k in state_dict):
         return "sd1"
     if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict):
         return "sd2"
     raise CheckpointError(
-        f"{path} has no text encoder weights (expected cond_stage_model.transformer.* for SD 1.x "
-        "or cond_stage_model.model.* for SD 2.x)."
+        f"{path} has no text encoder weights (expected cond_stage_model.transformer.* for SD 1.x, "
+        "cond_stage_model.model.* for SD 2.x or conditioner.embedders.1.model.* for SDXL)."
     )
 
 
@@ -86,15 +95,16 @@ def _component_configs(path, layout: str, config_dir) -> dict[str, dict]:
 
     Only the scheduler config may be absent from the first two; the shipped one fills in.
     """
+    names = _components(layout)
     if config_dir is not None:
         root = Path(config_dir)
-        absent = [CONFIG_FILES[n] for n in ("unet", "vae", "text_encoder") if not (root / CONFIG_FILES[n]).is_file()]
+        absent = [CONFIG_FILES[n] for n in names if n != "scheduler" and not (root / CONFIG_FILES[n]).is_file()]
         if absent:
             raise CheckpointError(f"{root} has no {', '.join(absent)} (expected a diffusers-format model folder).")
-        configs = {n: _read_json(root, n) for n in CONFIG_FILES if (root / CONFIG_FILES[n]).is_file()}
+        configs = {n: _read_json(root, n) for n in names if (root / CONFIG_FILES[n]).is_file()}
     else:
         configs = read_metadata_config(path) or {}
-    for name in CONFIG_FILES:
+    for name in names:
         if name not in configs:
             configs[name] = _read_json(SHIPPED_CONFIGS / layout, name)
     return configs
@@ -116,7 +126,7 @@ def _unet_in_channels(state_dict, unet_config: dict) -> int:
 
 
 def _version(layout: str, unet_config: dict) -> str:
-    """"sd1"/"sd2", "sd1-inpainting"/"sd2-inpainting" (a 9-channel UNet), else "custom"."""
+    """"sd1"/"sd2"/"sdxl", "sd1-inpainting"/"sd2-inpainting" (a 9-channel UNet), else "custom"."""
     shipped = _read_json(SHIPPED_CONFIGS / layout, "unet")
     if not all(unet_config.get(k) == shipped.get(k) for k in _ARCHITECTURE if k != "in_channels"):
         return "custom"
@@ -124,12 +134,14 @@ def _version(layout: str, unet_config: dict) -> str:
     return layout if channels == shipped["in_channels"] else f"{layout}-inpainting" if channels == 9 else "custom"
 
 
-def _tokenizer(config_dir, layout: str):
-    if config_dir is not None and (Path(config_dir) / "tokenizer").is_dir():
+def _tokenizer(config_dir, layout: str, name: str = "tokenizer"):
+    """config_dir's tokenizer/ (tokenizer_2/), else the bundled vocabulary with the layout's settings (SD 2.x and
+    SDXL's ViT-bigG pad with "!")."""
+    if config_dir is not None and (Path(config_dir) / name).is_dir():
         from transformers import CLIPTokenizer
 
-        return CLIPTokenizer.from_pretrained(os.fspath(Path(config_dir) / "tokenizer"))
-    settings = json.loads((SHIPPED_CONFIGS / layout / "tokenizer_config.json").read_text())
+        return CLIPTokenizer.from_pretrained(os.fspath(Path(config_dir) / name))
+    settings = json.loads((SHIPPED_CONFIGS / layout / f"{name}_config.json").read_text())
     return build_clip_tokenizer(**settings)
 
 
@@ -145,18 +157,18 @@ def use_ema_weights(path, state_dict: dict) -> dict:
 
 def load_single_file(path, *, config_dir=None, prediction_type: str | None = None, precision: str = "fp32", device="cpu",
                      ema: bool = False) -> dict:
-    """UNet, VAE, text encoder, tokenizer and schedule from one SD 1.x/2.x .safetensors/.ckpt file.
+    """UNet, VAE, text encoder(s), tokenizer(s) and schedule from one SD 1.x/2.x or SDXL .safetensors/.ckpt file.
 
-    Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"}; version is "sd1"/"sd2"
-    when the UNet has the standard SD 1.x/2.x architecture, "sd1-inpainting"/"sd2-inpainting" for its 9-channel
-    inpainting variant (detected from the first convolution's weight), else "custom". Weights load in
-    the dtypes latentdiff.precision's policy gives `precision` on `device` (default float32 throughout). `ema`
-    loads the UNet's EMA weights that training checkpoints carry.
+    Returns {"unet", "vae", "text_encoder", "tokenizer", "schedule", "version"} (SDXL: + "text_encoder_2",
+    "tokenizer_2"); version is "sd1"/"sd2"/"sdxl" when the UNet has the standard SD 1.x/2.x/XL architecture,
+    "sd1-inpainting"/"sd2-inpainting" for its 9-channel inpainting variant (detected from the first convolution's
+    weight), else "custom". Weights load in the dtypes latentdiff.precision's policy gives `precision` on `device`
+    (default float32 throughout). `ema` loads the UNet's EMA weights that training checkpoints carry.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    # 1. read the weights and tell SD 1.x from SD 2.x by the text encoder's layout
+    # 1. read the weights and tell SD 1.x, SD 2.x and SDXL apart by the text encoders' layout
     state_dict = read_state_dict(path)
     if ema:
         state_dict = use_ema_weights(path, state_dict)
@@ -169,48 +181,67 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     unet = build_empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))
     vae = build_empty(lambda: AutoencoderKL.from_config(configs["vae"]))
     text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
-    text_encoder = build_empty(lambda: CLIPTextModel(text_config))
-    text_map = clip_keymap() if layout == "sd1" else openclip_keymap(text_config.num_hidden_layers)
+    encoders = {"text_encoder": (build_empty(lambda: CLIPTextModel(text_config)), _text_keymap(layout, text_config))}
+    if layout == "sdxl":
+        config_2 = CLIPTextConfig.from_dict(configs["text_encoder_2"])
+        encoders["text_encoder_2"] = (build_empty(lambda: CLIPTextModelWithProjection(config_2)), _bigg_keymap(config_2))
 
     # 3. original keys -> diffusers keys, loaded strictly into the empty models
     try:
         for model, keymap, dtype in ((unet, unet_keymap(unet.config), dtypes.unet), (vae, vae_keymap(vae.config), dtypes.vae)):
             load_state(model, cast(keymap.from_original(state_dict, model.state_dict()), dtype), keymap.name)
-        text_state = text_map.from_original(state_dict, text_encoder_state(text_encoder))
-        load_text_encoder_state(text_encoder, cast(text_state, dtypes.text_encoder))
+        for encoder, text_map in encoders.values():
+            text_state = text_map.from_original(state_dict, text_encoder_state(encoder))
+            load_text_encoder_state(encoder, cast(text_state, dtypes.text_encoder))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
+    tokenizers = {t: _tokenizer(config_dir, layout, t) for t in (name.replace("text_encoder", "tokenizer") for name in encoders)}
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": _tokenizer(config_dir, layout),
+        **{name: encoder.eval() for name, (encoder, _) in encoders.items()},
+        **tokenizers,
         "schedule": _schedule(configs["scheduler"], configs["unet"], layout, prediction_type),
         "version": _version(layout, configs["unet"]),
     }
 
 
-def save_single_file(path, unet, vae, text_encoder, *, dtype: torch.dtype | None = None, schedule: ScheduleConfig | None = None) -> None:
+def _text_keymap(layout: str, config) -> KeyMap:
+    """The (first) text encoder's key map: OpenAI CLIP for SD 1.x and SDXL, OpenCLIP ViT-H for SD 2.x."""
+    if layout == "sd2":
+        return openclip_keymap(config.num_hidden_layers)
+    return clip_keymap(SDXL_CLIP_PREFIX if layout == "sdxl" else CLIP_PREFIX)
+
+
+def _bigg_keymap(config) -> KeyMap:
+    """SDXL's second text encoder: OpenCLIP ViT-bigG, every layer and the projection."""
+    return openclip_keymap(config.num_hidden_layers, SDXL_OPENCLIP_PREFIX, projection=True)
+
+
+def save_single_file(path, unet, vae, text_encoder, *, text_encoder_2=None, dtype: torch.dtype | None = None,
+                     schedule: ScheduleConfig | None = None) -> None:
     """Write the models as one original-layout .safetensors, with their configs in the header.
 
-    The text encoder is written in the SD 2.x OpenCLIP layout when it uses gelu (OpenCLIP ViT-H), else in
-    the SD 1.x layout (OpenAI CLIP, quick_gelu). An SD 2.x encoder is written with the layers it has.
+    With `text_encoder_2` (SDXL), sgm's layout: the first encoder as `conditioner.embedders.0.transformer`, the second
+    as OpenCLIP's `conditioner.embedders.1.model` (fused in_proj, transposed text_projection). Otherwise the text
+    encoder is written in the SD 2.x OpenCLIP layout when it uses gelu (OpenCLIP ViT-H), else in the SD 1.x layout
+    (OpenAI CLIP, quick_gelu). An SD 2.x encoder is written with the layers it has.
     """
-    if text_encoder.config.hidden_act == "gelu":
-        text_map = openclip_keymap(text_encoder.config.num_hidden_layers)
-    else:
-        text_map = clip_keymap()
+    layout = "sdxl" if text_encoder_2 is not None else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
     state_dict = {
         **unet_keymap(unet.config).to_original(unet.state_dict()),
         **vae_keymap(vae.config).to_original(vae.state_dict()),
-        **text_map.to_original(text_encoder_state(text_encoder)),
+        **_text_keymap(layout, text_encoder.config).to_original(text_encoder_state(text_encoder)),
     }
     configs = {
         "unet": {k: v for k, v in unet.config.items() if not k.startswith("_")},
         "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")},
         "text_encoder": text_encoder.config.to_dict(),
     }
+    if text_encoder_2 is not None:
+        state_dict |= _bigg_keymap(text_encoder_2.config).to_original(text_encoder_state(text_encoder_2))
+        configs["text_encoder_2"] = text_encoder_2.config.to_dict()
     if schedule is not None:
         configs["scheduler"] = schedule.to_diffusers()
     write_safetensors(path, cast(state_dict, dtype), configs)

@@ -39,7 +39,8 @@ def folder_to_file(src: Path, dst: Path, dtype) -> str:
     unet_file = next((src / "unet").glob("*.safetensors"), None)
     stored = _stored_dtype(load_file(unet_file)) if unet_file else None
     pipe = LatentDiffusionPipeline.from_pretrained(src, device="cpu", precision="fp32")
-    save_single_file(dst, pipe.unet, pipe.vae, pipe.text_encoder, dtype=dtype or stored, schedule=pipe.schedule)
+    save_single_file(dst, pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2, dtype=dtype or stored,
+                     schedule=pipe.schedule)
     return "an original-layout single file"
 
 

@@ -77,7 +77,7 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
     p.add_argument("--from-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--from-png", type=Path, help="reproduce the image whose generation parameters this PNG carries")
     p.add_argument("--negative-prompt", default=DEFAULTS.negative_prompt, help="what the image should not show")
-    p.add_argument("--model", help="diffusers-format folder or SD 1.x/2.x .safetensors/.ckpt (default: the shipped model)")
+    p.add_argument("--model", help="diffusers-format folder or SD 1.x/2.x/XL .safetensors/.ckpt (default: the shipped model)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img"), help="writes OUTDIR/samples/NNNNN.png and a grid")
     p.add_argument("--n-samples", type=int, default=1, help="batch size: images generated together")
     p.add_argument("--n-iter", type=int, default=1, help="how many batches per prompt")
@@ -393,9 +393,9 @@ def check_against_model(args, pipe) -> tuple[int, int]:
     try:
         height, width = pipe.check_size(args.H, args.W)
         get_sampler(args.sampler, pipe.schedule, args.scheduler, eta=args.eta).set_timesteps(args.steps)
-        if args.clip_skip > pipe.text_encoder.config.num_hidden_layers:
-            raise ValueError(f"--clip-skip {args.clip_skip} is more than this text encoder's "
-                             f"{pipe.text_encoder.config.num_hidden_layers} layers")
+        if args.clip_skip > pipe.conditioner.max_clip_skip:
+            raise ValueError(f"--clip-skip {args.clip_skip} is more than this model's text encoders allow "
+                             f"({pipe.conditioner.max_clip_skip})")
         pipe.check_unet(inpainting=args.mask is not None)
     except ValueError as e:
         raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")

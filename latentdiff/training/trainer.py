@@ -62,6 +62,8 @@ def load_model(config: TrainConfig):
             pipe.vae = AutoencoderKL.from_pretrained(config.vae)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load the model from {source}: {str(e).rstrip('.')}.") from None
+    if pipe.is_sdxl:
+        raise ConfigError(f"{source} is an SDXL model; training SDXL is not supported yet (it runs inference).")
     if config.prediction_type is not None:
         pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type=config.prediction_type)
     return pipe

@@ -1,0 +1,298 @@
+"""SDXL: loading (diffusers folders, sgm single files) and text to image, image-to-image and inpainting against
+diffusers' StableDiffusionXL(Img2Img/Inpaint)Pipeline, on a tiny random model of the SDXL architecture (diffusers' own test sizes: CLIP encoders of 5 layers, the second with
+a 32-wide projection; a UNet with the "text_time" added embedding). The second encoder is 48 wide, not 32: diffusers'
+from_single_file tells the two embedders apart by width and would load the first one's weights into both."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import DIFFUSERS_SCHEDULERS
+
+from latentdiff.errors import ModelError
+from latentdiff.pipeline import load_pipeline
+
+PROMPTS = ["a red circle on a blue background", "a green star"]
+SIZE = dict(height=32, width=32)
+TOLERANCE = 2 / 255
+
+
+def tiny_sdxl_components(seed: int = 0):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latentdiff.text import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + the pooled text's 32
+        cross_attention_dim=32 + 48, norm_num_groups=1,  # the two encoders' hidden states side by side
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=64, scaling_factor=0.13025,
+    )
+    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32, layer_norm_eps=1e-5)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "hidden_size": 48}))
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=build_clip_tokenizer(),
+                text_encoder_2=text_encoder_2.eval(), tokenizer_2=build_clip_tokenizer(pad_token="!"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny SDXL folder written by diffusers' StableDiffusionXLPipeline (the layout real SDXL folders have)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    scheduler = EulerDiscreteScheduler.from_config(json.loads((SHIPPED_CONFIGS / "sdxl/scheduler/scheduler_config.json").read_text()))
+    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components(), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(sdxl_dir):
+    return load_pipeline(sdxl_dir, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+
+
+def _diffusers(reference, sampler: str, cls: str | None = None):
+    """diffusers' SDXL pipeline (or its `cls` sibling on the same components) with `sampler`'s scheduler."""
+    import diffusers
+
+    ref = reference if cls is None else getattr(diffusers, cls)(**reference.components)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(reference.scheduler.config)
+    return ref
+
+
+def _theirs(reference, sampler: str, prompts=PROMPTS, **kwargs):
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)][:len(prompts)]
+    return _diffusers(reference, sampler)(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens,
+                                          output_type="pt", **SIZE, **kwargs).images
+
+
+def _ours(pipe, sampler: str, negative=None, prompts=PROMPTS, **kwargs):
+    return pipe(prompts, negative, num_inference_steps=4, guidance_scale=5.0, seed=[3, 4][:len(prompts)],
+                sampler=sampler, output_type="pt", progress=False, **SIZE, **kwargs).images
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler"])
+def test_text_to_image_matches_diffusers(pipe, reference, sampler):
+    """With negatives; and without, where SDXL's force_zeros_for_empty_prompt makes the unconditional input zeros."""
+    ours = _ours(pipe, sampler, "blurry")
+    theirs = _theirs(reference, sampler, negative_prompt=["blurry"] * 2)
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert (ours - theirs).abs().max().item() < TOLERANCE
+    assert (_ours(pipe, sampler) - _theirs(reference, sampler)).abs().max().item() < TOLERANCE
+
+
+def test_size_conditioning_and_clip_skip_match_diffusers(pipe, reference):
+    """One prompt: diffusers repeats [negative; positive] time ids per image, which pairs them right only for one."""
+    sizes = dict(original_size=(96, 64), crops_coords_top_left=(8, 16), target_size=(48, 48),
+                 negative_original_size=(16, 24), negative_target_size=(32, 40))
+    ours = _ours(pipe, "ddim", "blurry", PROMPTS[:1], **sizes)
+    theirs = _theirs(reference, "ddim", PROMPTS[:1], negative_prompt="blurry", negative_crops_coords_top_left=(8, 16),
+                     **sizes)
+    assert (ours - theirs).abs().max().item() < TOLERANCE
+    plain = _ours(pipe, "ddim", "blurry", PROMPTS[:1])
+    assert (ours - plain).abs().max().item() > 1e-3, "the size conditioning reaches the UNet"
+    # A1111's clip skip k is diffusers' k − 1 (no negative prompt: diffusers encodes negatives without clip skip)
+    skipped = _ours(pipe, "ddim", clip_skip=2)
+    assert (skipped - _theirs(reference, "ddim", clip_skip=1)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_image_to_image_matches_diffusers(pipe, reference, sampler):
+    """The init latents' size (here not the native one) is the default original and target size."""
+    image = torch.rand(2, 3, 40, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0)
+    ours = pipe(PROMPTS, "blurry", seed=[3, 4], sampler=sampler, output_type="pt", progress=False, **kwargs).images
+    expected = _diffusers(reference, sampler, "StableDiffusionXLImg2ImgPipeline")(
+        PROMPTS, negative_prompt=["blurry"] * 2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="pt", **kwargs).images
+    assert ours.shape == expected.shape == (2, 3, 40, 32)
+    assert (ours - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("sampler, strength", [("ddim", 1.0), ("euler", 0.7)])
+def test_inpainting_matches_diffusers(pipe, reference, sampler, strength):
+    """A regular SDXL UNet: the kept region re-noised and blended in every step, latents as
+    StableDiffusionXLInpaintPipeline's, pixels too once the original is pasted back (mask_blur=0: no feather)."""
+    from latentdiff import images
+
+    init = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(32, 32)
+    mask[6:22, 10:26] = 1
+    kwargs = dict(image=init, mask_image=mask, num_inference_steps=5, guidance_scale=5.0, strength=strength)
+    ours = pipe(PROMPTS, "blurry", mask_blur=0, seed=[3, 4], sampler=sampler, output_type="pt", progress=False,
+                **kwargs).images
+    expected = _diffusers(reference, sampler, "StableDiffusionXLInpaintPipeline")(
+        PROMPTS, negative_prompt=["blurry"] * 2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="pt", **SIZE, **kwargs).images
+    assert (ours - images.paste_back(expected, init, mask)).abs().max().item() < TOLERANCE
+
+
+def test_long_and_weighted_prompts_reach_both_encoders(pipe):
+    def latents(prompts, **kwargs):
+        return pipe(prompts, seed=[3, 4][:len(prompts)], num_inference_steps=2, output_type="latents", progress=False,
+                    **kwargs).images
+
+    plain = latents(PROMPTS, **SIZE)
+    assert (latents(PROMPTS[:1], **SIZE)[0] - plain[0]).abs().max() < 1e-4, "an image does not depend on its batch"
+    weighted = latents(["a (red:1.6) circle on a blue background", PROMPTS[1]], **SIZE)
+    assert (weighted[0] - plain[0]).abs().max() > 1e-3 and (weighted[1] - plain[1]).abs().max() < 1e-4
+    long = latents([PROMPTS[0] + " very" * 80 + " blue", PROMPTS[1]], **SIZE)  # two chunks beside one: two groups
+    assert (long[0] - plain[0]).abs().max() > 1e-3 and (long[1] - plain[1]).abs().max() < 1e-4
+    unguided = latents(PROMPTS, guidance_scale=1.0)
+    assert unguided.shape == (2, 4, 32, 32)  # no unconditional rows; the native 64² size
+
+
+def test_default_size_comes_from_the_model(pipe):
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    assert pipe.is_sdxl and pipe.check_size(None, None) == (64, 64)  # sample_size 32 × VAE factor 2
+    unet = json.loads((SHIPPED_CONFIGS / "sdxl" / "unet" / "config.json").read_text())
+    vae = json.loads((SHIPPED_CONFIGS / "sdxl" / "vae" / "config.json").read_text())
+    assert unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == 1024
+    assert (vae["scaling_factor"], vae["force_upcast"]) == (0.13025, True)
+
+
+def test_single_file_round_trip_is_bit_exact_and_loads_in_diffusers(tmp_path, pipe, sdxl_dir, reference):
+    """`latentdiff convert` folder → sgm single file → folder, bit for bit; the file without our metadata loads with
+    config_dir here and in diffusers' from_single_file."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from latentdiff.cli import main
+
+    file, folder = tmp_path / "xl.safetensors", tmp_path / "back"
+    assert main(["convert", str(sdxl_dir), str(file)]) == 0 and main(["convert", str(file), str(folder)]) == 0
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = ({k.removeprefix("text_model."): v for f in (root / sub).glob("*.safetensors") for k, v in load_file(f).items()}
+                for root in (sdxl_dir, folder))  # transformers 5 writes CLIPTextModel keys without `text_model.`
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    state = load_file(file)
+    for prefix in ("conditioner.embedders.0.transformer.text_model.encoder.", "conditioner.embedders.1.model.transformer.resblocks.",
+                   "model.diffusion_model.label_emb.0.0.", "first_stage_model.decoder."):
+        assert any(k.startswith(prefix) for k in state), prefix
+    projection = pipe.text_encoder_2.text_projection.weight
+    assert torch.equal(state["conditioner.embedders.1.model.text_projection"], projection.T)  # OpenCLIP: x @ P
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in state
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, plain)  # no latentdiff metadata: configs from config_dir, as for a downloaded file
+    copy = load_pipeline(plain, device="cpu", precision="fp32", config_dir=sdxl_dir, optimize=False)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(copy, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    single = StableDiffusionXLPipeline.from_single_file(str(plain), config=str(sdxl_dir))
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b if not k.endswith("position_ids")), name
+
+
+def test_folder_round_trip_through_save_pretrained(tmp_path, pipe):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe.save_pretrained(tmp_path / "copy")
+    index = json.loads((tmp_path / "copy" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    theirs = StableDiffusionXLPipeline.from_pretrained(tmp_path / "copy")
+    a, b = pipe.text_encoder_2.state_dict(), theirs.text_encoder_2.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    copy = load_pipeline(tmp_path / "copy", device="cpu", precision="fp16", optimize=False)
+    assert (copy.unet.dtype, copy.text_encoder_2.dtype, copy.vae.dtype) == (torch.float16,) * 2 + (torch.float32,)  # force_upcast
+    a, b = pipe.text_encoder_2.state_dict(), copy.text_encoder_2.state_dict()
+    assert all(torch.equal(a[k].to(b[k].dtype), b[k]) for k in a) and copy.tokenizer_2.pad_token == "!"
+
+
+def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from latentdiff.training.config import ConfigError
+    from latentdiff.training.trainer import load_model
+
+    with pytest.raises(ModelError, match="LoRA is not supported for SDXL"):
+        pipe.load_lora(tmp_path / "x.safetensors")
+    with pytest.raises(ModelError, match="embedding is not supported for SDXL"):
+        pipe.load_embedding(tmp_path / "x.pt")
+    with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
+        pipe(None, prompt_embeds=torch.zeros(1, 77, 80), num_inference_steps=1, progress=False)
+    monkeypatch.setattr("latentdiff.pipeline.load_pipeline", lambda *args, **kwargs: pipe)  # loaded already
+    with pytest.raises(ConfigError, match="is an SDXL model; training SDXL is not supported yet"):
+        load_model(SimpleNamespace(model=sdxl_dir, model_config=None, vae=None, prediction_type=None))
+
+
+
+def test_shipped_configs_are_sdxl_base_1_0():
+    """Built on the meta device: the published parameter counts, and the sgm key names of real SDXL files."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latentdiff.checkpoints import unet_keymap
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    def config(name):
+        return json.loads((SHIPPED_CONFIGS / "sdxl" / name / "config.json").read_text())
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        models = (unet, AutoencoderKL.from_config(config("vae")),
+                  CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))),
+                  CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2"))))
+    assert [sum(p.numel() for p in m.parameters()) for m in models] == [2567463684, 83653863, 123060480, 694659840]
+    keys = unet_keymap(unet.config).to_original(unet.state_dict())
+    assert len(keys) == 1680
+    for key in ("label_emb.0.0.weight", "input_blocks.8.1.transformer_blocks.9.ff.net.2.weight",
+                "middle_block.1.transformer_blocks.9.attn2.to_k.weight", "output_blocks.2.2.conv.weight"):
+        assert "model.diffusion_model." + key in keys
+
+
+def test_batch_script_runs_sdxl_at_its_native_size(sdxl_dir, pipe, tmp_path):
+    from latentdiff.commands.generate import main
+    from latentdiff.pngmeta import read_params
+
+    out = tmp_path / "out"
+    assert main(["--prompt", "a red circle", "--model", sdxl_dir, "--outdir", out, "--steps", "2", "--seed", "7",
+                 "--precision", "fp32", "--no-progress", "--skip-grid"]) == 0
+    (png,) = (out / "samples").glob("*.png")
+    params = read_params(png)
+    assert (params.model, params.width, params.height, params.seed) == ("tiny-sdxl", 64, 64, 7)
+    image = pipe("a red circle", seed=7, num_inference_steps=2, output_type="numpy", progress=False).images[0]
+    assert abs(np.asarray(Image.open(png)).astype(int) - image).max() <= 1
+
+
+def test_graph_replay_wrapper_carries_the_added_conditioning(pipe):
+    """optimize.CUDAGraphUNet's static buffers hold text_embeds and time_ids too (on the CPU with the stand-in graph of
+    test_device_policy): replay equals eager, and other size conditioning reaches a captured graph."""
+    from test_device_policy import ReplayedEagerly
+
+    from latentdiff.pipeline import EagerUNet
+
+    def latents(**kwargs):
+        return pipe(PROMPTS[0], seed=3, num_inference_steps=2, output_type="latents", progress=False, **SIZE,
+                    **kwargs).images
+
+    eager = latents()
+    pipe.denoiser = ReplayedEagerly(pipe.unet)
+    try:
+        torch.testing.assert_close(latents(), eager, atol=0, rtol=0)
+        resized = latents(original_size=(128, 128))
+    finally:
+        pipe.denoiser = EagerUNet(pipe.unet)
+    torch.testing.assert_close(resized, latents(original_size=(128, 128)), atol=0, rtol=0)
+    assert (resized - eager).abs().max() > 1e-3

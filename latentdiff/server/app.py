@@ -132,6 +132,8 @@ def api_router(server: Server) -> APIRouter:
 
     @api.post("/img2img")
     async def img2img(req: Img2Img):
+        if not req.init_images:
+            raise HTTPException(422, "init_images: give at least one base64 image")
         images = [decode_image(im, f"init_images[{i}]") for i, im in enumerate(req.init_images)]
         mask = decode_image(req.mask, "mask") if req.mask else None
         if mask is not None and mask.size != images[0].size:

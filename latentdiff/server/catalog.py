@@ -38,8 +38,9 @@ class Catalog:
         """The start-up model, then the folder's single files and diffusers folders (read afresh: new files show up)."""
         found = []
         if self.models_dir is not None:
-            files = [p for p in self.models_dir.rglob("*") if p.suffix.lower() in MODEL_SUFFIXES and p.is_file()]
             folders = [p.parent for p in self.models_dir.rglob("model_index.json")]
+            files = [p for p in self.models_dir.rglob("*") if p.suffix.lower() in MODEL_SUFFIXES and p.is_file()
+                     and not any(p.is_relative_to(f) for f in folders)]  # a folder's own weights are not models
             found = [self._entry(p) for p in sorted(files + folders)]
         return [self.first] + [e for e in found if e.title != self.first.title]
 

@@ -19,7 +19,7 @@ from ..pipeline import MAX_SEED
 from ..pngmeta import write_numbered
 from ..schedulers import SAMPLERS
 from ..schedulers.schedules import start_index
-from .schema import MAX_PIXELS, Img2Img, Txt2Img
+from .schema import MAX_PIXELS, Txt2Img
 from .worker import Interrupted
 
 
@@ -32,7 +32,7 @@ class Result:
     files: list[Path] = field(default_factory=list)  # where save_images wrote them
 
 
-def settings(req: Txt2Img, notes: list[str]) -> GenerateConfig:
+def settings(req: Txt2Img, notes: list[str], *, init: bool) -> GenerateConfig:
     """The request as the library's config; what it asks that latentdiff does differently goes to `notes`."""
     sampler, schedule = req.sampler_and_schedule()
     size = []
@@ -53,7 +53,7 @@ def settings(req: Txt2Img, notes: list[str]) -> GenerateConfig:
     clip_skip = req.override_settings.get("CLIP_stop_at_last_layers", DEFAULTS.clip_skip)
     if not isinstance(clip_skip, int) or clip_skip < 1:
         raise HTTPException(422, f"override_settings CLIP_stop_at_last_layers must be a whole number ≥ 1, got {clip_skip!r}")
-    strength = req.denoising_strength if isinstance(req, Img2Img) and req.denoising_strength else DEFAULTS.strength
+    strength = req.denoising_strength if init and req.denoising_strength else DEFAULTS.strength
     return GenerateConfig(req.negative_prompt, req.steps, req.cfg_scale, sampler, eta, schedule, clip_skip,
                           DEFAULTS.guidance_rescale, size[0], size[1], strength=strength,
                           mask_blur=getattr(req, "mask_blur", DEFAULTS.mask_blur))
@@ -62,7 +62,7 @@ def settings(req: Txt2Img, notes: list[str]) -> GenerateConfig:
 def generation_job(req: Txt2Img, catalog, outdir: Path, *, images=None, mask=None, kind: str = "txt2img"):
     """The job (run on the worker thread) that makes the request's images; images/mask: decoded PIL images."""
     notes = req.notes()
-    cfg = settings(req, notes)
+    cfg = settings(req, notes, init=images is not None)
     lora_files = catalog.lora_files(req.prompt)  # before queueing: a bad tag is this request's 400
     seed = secrets.randbelow(2**32) if req.seed == -1 else req.seed
     count = req.n_iter * req.batch_size
@@ -102,13 +102,15 @@ def generation_job(req: Txt2Img, catalog, outdir: Path, *, images=None, mask=Non
                     folder = outdir / f"{kind}-images"
                     folder.mkdir(parents=True, exist_ok=True)
                     result.files.append(write_numbered(folder, lambda n, s=s: f"{n:05d}-{s}.png", image, text))
-        result.info = a1111_info(req, done, pipe, seeds[:len(result.images)] or seeds, interrupted)
+        result.info = a1111_info(req, done, pipe, seeds[:len(result.images)] or seeds, interrupted,
+                                 init=images is not None, inpainting=mask is not None and pipe.is_inpainting_model)
         return result
 
     return run
 
 
-def a1111_info(req: Txt2Img, cfg: GenerateConfig, pipe, seeds: list[int], interrupted: bool) -> dict:
+def a1111_info(req: Txt2Img, cfg: GenerateConfig, pipe, seeds: list[int], interrupted: bool, *, init: bool,
+               inpainting: bool) -> dict:
     """The fields of A1111's `info` JSON that clients read (infotexts and notes are added by the caller)."""
     n = len(seeds)
     return {
@@ -118,8 +120,8 @@ def a1111_info(req: Txt2Img, cfg: GenerateConfig, pipe, seeds: list[int], interr
         "sampler_name": SAMPLERS[cfg.sampler].a1111, "scheduler": cfg.scheduler or "automatic",
         "cfg_scale": cfg.guidance_scale, "steps": cfg.steps, "batch_size": req.batch_size, "n_iter": req.n_iter,
         "restore_faces": False, "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,
-        "denoising_strength": cfg.strength if isinstance(req, Img2Img) else None, "clip_skip": cfg.clip_skip,
-        "is_using_inpainting_conditioning": isinstance(req, Img2Img) and req.mask is not None and pipe.is_inpainting_model,
+        "denoising_strength": cfg.strength if init else None, "clip_skip": cfg.clip_skip,
+        "is_using_inpainting_conditioning": inpainting,
         "index_of_first_image": 0, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "interrupted": interrupted, "version": "latentdiff",
     }

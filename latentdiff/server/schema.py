@@ -91,7 +91,7 @@ class Txt2Img(BaseModel):
 
 
 class Img2Img(Txt2Img):
-    init_images: list[str] = Field(min_length=1)  # base64 images (data: URLs too)
+    init_images: list[str] = []  # base64 images (data: URLs too); the API needs one, the UI passes pictures
     mask: str | None = None  # base64; white repaints, black keeps
     mask_blur: float = Field(DEFAULTS.mask_blur, ge=0, le=64)
 

@@ -4,7 +4,6 @@ bit, concurrent requests are each answered with their own images, interrupt, aut
 import base64
 import io
 import json
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,29 +18,9 @@ webuiapi = pytest.importorskip("webuiapi")
 
 from helpers import start_server  # noqa: E402
 from latentdiff.commands.serve import Settings  # noqa: E402
-from latentdiff.pipeline import DEFAULT_MODEL, load_pipeline  # noqa: E402
+from latentdiff.pipeline import load_pipeline  # noqa: E402
 
 STEPS, SIZE = 4, 64  # the shipped model's native size; few steps keep every request well under a second
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    models, loras = root / "models", root / "loras"
-    models.mkdir(), loras.mkdir()
-    shutil.copytree(DEFAULT_MODEL, models / "shapes-copy")  # the same weights under another name
-    (models / "broken.safetensors").write_bytes(b"not a model")
-    (loras / "style.safetensors").write_bytes(b"")
-    (root / "secret.safetensors").write_bytes(b"outside the models folder")
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(folders):
-    srv = start_server(Settings(models_dir=folders / "models", lora_dir=folders / "loras", outdir=folders / "out",
-                                ui=False, max_body_bytes=2**20))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +150,9 @@ def test_model_switch_and_failures_keep_the_server_serving(api, pipe, server):
     assert len(api.txt2img(prompt="a red square", seed=4, width=SIZE, height=SIZE).images) == 1
 
 
-def test_paths_outside_the_folders_are_refused(server, folders):
+def test_paths_outside_the_folders_are_refused(server, serve_folders):
     post = lambda path, body: requests.post(f"{server.url}/sdapi/v1/{path}", json=body)  # noqa: E731
-    for name in ("../secret.safetensors", str(folders / "secret.safetensors"), "shapes-copy/../../secret.safetensors"):
+    for name in ("../secret.safetensors", str(serve_folders / "secret.safetensors"), "shapes-copy/../../secret.safetensors"):
         r = post("options", {"sd_model_checkpoint": name})
         assert r.status_code == 400 and "path" in r.json()["detail"], name
     assert post("options", {"sd_model_checkpoint": "nothing-here"}).status_code == 404
@@ -209,9 +188,10 @@ def _blank(size):
     return Image.new("RGB", size)
 
 
-def test_auth_protects_the_api(folders):
-    srv = start_server(Settings(outdir=folders / "out-auth", ui=False, api_auth=("ann", "s3cret")))
+def test_auth_protects_the_api_and_no_ui_serves_the_api_only(serve_folders):
+    srv = start_server(Settings(outdir=serve_folders / "out-auth", ui=False, api_auth=("ann", "s3cret")))
     try:
+        assert requests.get(srv.url + "/", auth=("ann", "s3cret")).status_code == 404  # --no-ui
         url = f"{srv.url}/sdapi/v1/sd-models"
         assert requests.get(url).status_code == 401
         assert requests.get(url, auth=("ann", "wrong")).status_code == 401

@@ -39,7 +39,7 @@ def settings_controls(tab: str, native: int) -> list:
                               label="Sampler")
         schedule = gr.Dropdown(SCHEDULES, value="Automatic", label="Schedule type")
     with gr.Row():
-        steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS.steps, step=1, label="Steps")
+        steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS.steps, step=1, label="Steps", elem_id=f"{tab}_steps")
         cfg = gr.Slider(0, 30, value=DEFAULTS.guidance_scale, step=0.5, label="CFG scale")
     with gr.Row():
         width = gr.Slider(8, MAX_SIDE, value=native, step=8, label="Width")

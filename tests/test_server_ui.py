@@ -1,0 +1,68 @@
+"""`latentdiff serve`'s web UI on the real server: served at /, behind --api-auth like the API, and driven by a
+headless Chromium (Debian's chromium + chromium-driver) through Selenium: type a prompt, press Generate, see the image.
+LATENTDIFF_SCREENSHOT=path keeps the screenshot (docs/server_ui.png is one)."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+pytest.importorskip("gradio")
+
+from helpers import start_server  # noqa: E402
+from latentdiff.commands.serve import Settings  # noqa: E402
+
+pytest.importorskip("fastapi")
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def test_ui_and_api_share_one_server(server):
+    page = requests.get(server.url + "/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    assert requests.get(server.url + "/sdapi/v1/sd-models").status_code == 200
+
+
+def test_auth_protects_the_ui_too(tmp_path):
+    srv = start_server(Settings(outdir=tmp_path, api_auth=("ann", "s3cret")))
+    try:
+        assert requests.get(srv.url + "/").status_code == 401
+        assert requests.get(srv.url + "/", auth=("ann", "s3cret")).status_code == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                    "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
+def test_browser_generates_an_image(server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")).send_keys(
+            "a red circle on a blue background")
+        for control, value in (("seed", "42"), ("steps", "8")):
+            box = driver.find_element(By.CSS_SELECTOR, f"#txt2img_{control} input[type=number]")
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "txt2img_generate").click()
+        image = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#txt2img_gallery img"))[0]
+        wait.until(lambda d: image.get_attribute("naturalWidth") not in (None, "0"))
+        assert "seeds [42]" in driver.find_element(By.ID, "txt2img_status").text
+        image.click()  # selecting an image shows its parameters
+        wait.until(lambda d: "Seed: 42" in d.find_element(By.CSS_SELECTOR, "#txt2img_parameters textarea")
+                   .get_attribute("value"))
+        shot = Path(os.environ.get("LATENTDIFF_SCREENSHOT") or tmp_path / "server_ui.png")
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 0
+    finally:
+        driver.quit()

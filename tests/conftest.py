@@ -63,7 +63,8 @@ def tiny_inpaint_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def serve_folders(tmp_path_factory):
-    """A models folder (a copy of the shipped model, a broken file), a LoRA folder, and a file outside both."""
+    """A models folder (a copy of the shipped model, a broken file), a LoRA folder, an embeddings folder, and a
+    file outside them."""
     import shutil
 
     from latentdiff.pipeline import DEFAULT_MODEL
@@ -75,6 +76,10 @@ def serve_folders(tmp_path_factory):
     (models / "broken.safetensors").write_bytes(b"not a model")
     (loras / "style.safetensors").write_bytes(b"")
     (root / "secret.safetensors").write_bytes(b"outside the models folder")
+    (root / "embeddings").mkdir()
+    from safetensors.torch import save_file
+    save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(0))},  # A1111 layout,
+              root / "embeddings" / "filmgrain.safetensors")  # two vectors for the shipped 128-wide text encoder
     return root
 
 
@@ -88,7 +93,8 @@ def server(serve_folders):
     from latentdiff.commands.serve import Settings
 
     srv = start_server(Settings(models_dir=serve_folders / "models", lora_dir=serve_folders / "loras",
-                                outdir=serve_folders / "out", max_body_bytes=2**20,
+                                embeddings_dir=serve_folders / "embeddings", outdir=serve_folders / "out",
+                                max_body_bytes=2**20,
                                 ui=importlib.util.find_spec("gradio") is not None))
     yield srv
     srv.stop()

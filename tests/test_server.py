@@ -120,12 +120,32 @@ def test_lists_options_and_png_info(api, server):
     assert {"DPM++ 2M", "Euler a", "DDIM"} <= {s["name"] for s in api.get_samplers()}
     assert {"automatic", "karras"} <= {s["name"] for s in api.get_schedulers()}
     assert [m["title"] for m in api.get_sd_models()] == ["default", "broken.safetensors", "shapes-copy"]
-    assert api.get_loras() == [{"name": "style", "alias": "style", "path": "style.safetensors", "metadata": {}}]
-    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert {"name": "style", "alias": "style", "path": "style.safetensors", "metadata": {}} in api.get_loras()
+    assert api.get_embeddings()["loaded"]["filmgrain"]["vectors"] == 2
     assert api.get_options()["sd_model_checkpoint"] == "default"
     r = api.txt2img(prompt="a yellow star", seed=3, width=SIZE, height=SIZE)
     info = api.png_info(r.images[0])
     assert info.info == r.info["infotexts"][0] and info.json["parameters"]["Seed"] == 3
+
+
+def test_embeddings_and_lora_tags_from_their_folders(api, pipe, serve_folders):
+    from helpers import random_lora_file
+    from latentdiff.pipeline import DEFAULT_MODEL
+
+    pipe.load_embedding(serve_folders / "embeddings" / "filmgrain.safetensors")
+    r = api.txt2img(prompt="filmgrain a red circle", seed=2, width=SIZE, height=SIZE, sampler_name="Euler")
+    ref = pipe("filmgrain a red circle", seed=2, num_inference_steps=STEPS, guidance_scale=7.0, sampler="euler",
+               output_type="numpy", progress=False).images[0]
+    assert np.array_equal(pixels(r.images[0]), ref) and "TI hashes: \"filmgrain: " in r.info["infotexts"][0]
+
+    random_lora_file(DEFAULT_MODEL, serve_folders / "loras" / "ink.safetensors")
+    r = api.txt2img(prompt="<lora:ink:0.8> a red circle", seed=2, width=SIZE, height=SIZE)
+    ref = pipe("<lora:ink:0.8> a red circle", seed=2, num_inference_steps=STEPS, guidance_scale=7.0,
+               lora_dir=serve_folders / "loras", output_type="numpy", progress=False).images[0]
+    plain = pipe("a red circle", seed=2, num_inference_steps=STEPS, guidance_scale=7.0, output_type="numpy",
+                 progress=False).images[0]
+    assert np.array_equal(pixels(r.images[0]), ref) and not np.array_equal(ref, plain)
+    assert "Lora hashes: \"ink: " in r.info["infotexts"][0]
 
 
 def test_model_switch_and_failures_keep_the_server_serving(api, pipe, server):
@@ -180,6 +200,8 @@ def test_bad_input_is_a_4xx_naming_the_field(server):
     assert r.status_code == 200 and len(r.json()["images"]) == 1
     assert any("mystery" in n for n in notes) and any("restore_faces" in n for n in notes)
     assert any("width 68 rounded down to 64" in n for n in notes) and not any("enable_hr" in n for n in notes)
+    old_field = requests.post(url, json={"prompt": "x", "steps": 1, "sampler_index": "Euler a"})  # A1111 < 1.5 clients
+    assert json.loads(old_field.json()["info"])["sampler_name"] == "Euler a"
 
 
 def _blank(size):

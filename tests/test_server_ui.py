@@ -64,5 +64,26 @@ def test_browser_generates_an_image(server, tmp_path):
                    .get_attribute("value"))
         shot = Path(os.environ.get("LATENTDIFF_SCREENSHOT") or tmp_path / "server_ui.png")
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 0
+
+        # PNG info: drop the saved file, read its parameters, send them back to txt2img
+        saved = max((server.app.state.server.settings.outdir / "txt2img-images").glob("*-42.png"), key=os.path.getmtime)
+        driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='PNG info']").click()
+        driver.find_element(By.CSS_SELECTOR, "#pnginfo_image input[type=file]").send_keys(str(saved))
+        wait.until(lambda d: "Seed: 42" in d.find_element(By.CSS_SELECTOR, "#pnginfo_parameters textarea")
+                   .get_attribute("value"))
+        prompt = driver.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")
+        driver.execute_script("arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", prompt)
+        driver.find_element(By.ID, "pnginfo_send").click()
+        wait.until(lambda d: prompt.get_attribute("value") == "a red circle on a blue background")
+
+        # img2img: upload a picture (no paint: image-to-image) and generate from it
+        driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='img2img']").click()
+        driver.find_element(By.CSS_SELECTOR, "#img2img_image input[type=file]").send_keys(str(saved))
+        driver.find_element(By.CSS_SELECTOR, "#img2img_prompt textarea").send_keys("a yellow star on a blue background")
+        steps = driver.find_element(By.CSS_SELECTOR, "#img2img_steps input[type=number]")
+        steps.clear()
+        steps.send_keys("4")
+        driver.find_element(By.ID, "img2img_generate").click()
+        wait.until(lambda d: "1 images" in d.find_element(By.ID, "img2img_status").text)
     finally:
         driver.quit()

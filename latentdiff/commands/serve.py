@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ModelError) as e:
         print(f"latentdiff serve: error: {e}", file=sys.stderr)
         return 2
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_auth is None:
+        print("latentdiff serve: warning: listening beyond this machine without --api-auth: anyone who can reach "
+              "it can generate and switch models", file=sys.stderr)
     print(f"latentdiff serve: http://{settings.host}:{settings.port}/ ({'API only' if not settings.ui else 'UI and API'}"
           f"{', auth required' if settings.api_auth else ''})", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -220,6 +220,7 @@ def create_app(settings) -> FastAPI:
 
         from .ui import build_ui
 
+        # allowed_paths: the gallery shows the saved files (with their parameters chunk) from the output folder
         app = gr.mount_gradio_app(app, build_ui(server), path="/", allowed_paths=[str(settings.outdir)],
                                   max_file_size=settings.max_body_bytes)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from ..config import DEFAULTS, GenerateConfig
+from ..errors import ModelError
 from ..generation import applied_loras, check, generate, png_params
 from ..pipeline import MAX_SEED
 from ..pngmeta import write_numbered
@@ -91,6 +92,8 @@ def generation_job(req: Txt2Img, catalog, outdir: Path, *, images=None, mask=Non
                 interrupted = True
                 notes.append(f"interrupted: {len(result.images)} of {count} images made")
                 break
+            except ModelError:  # NaN or blank output: the model failed, not the request (a 500)
+                raise
             except ValueError as e:  # settings the pipeline refuses before it starts (an init image's size, …)
                 raise HTTPException(422, str(e).rstrip(".")) from None
             for image, s in zip(out.images, batch):

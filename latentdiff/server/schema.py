@@ -3,7 +3,7 @@ the field (FastAPI's validation error), before the request is queued. Fields A11
 honour, and fields nobody knows, are accepted and named in the response's `info` notes."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config import DEFAULTS
 from ..pipeline import MAX_SEED
@@ -54,6 +54,14 @@ class Txt2Img(BaseModel):
     save_images: bool = False
     send_images: bool = True
     override_settings: dict = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_sampler_field(cls, data):
+        """A1111 reads `sampler_index` (its older field) when `sampler_name` is not given."""
+        if isinstance(data, dict) and "sampler_name" not in data and data.get("sampler_index"):
+            data = {**data, "sampler_name": data["sampler_index"]}
+        return data
 
     @field_validator("sampler_name")
     @classmethod

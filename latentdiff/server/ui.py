@@ -105,7 +105,7 @@ def build_ui(server) -> gr.Blocks:
                     with gr.Column(scale=2):
                         editor = gr.ImageEditor(type="pil", label="Init image (paint the region to repaint: inpainting)",
                                                 brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                                                elem_id="img2img_image")
+                                                format="png", elem_id="img2img_image")  # png: lossless init pixels
                         strength = gr.Slider(0.01, 1, value=DEFAULTS.strength, step=0.01, label="Denoising strength")
                         mask_blur = gr.Slider(0, 64, value=DEFAULTS.mask_blur, step=1, label="Mask blur")
                         i2i, i2i_reuse = settings_controls("img2img", native)

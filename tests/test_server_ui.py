@@ -83,7 +83,15 @@ def test_browser_generates_an_image(server, tmp_path):
         steps = driver.find_element(By.CSS_SELECTOR, "#img2img_steps input[type=number]")
         steps.clear()
         steps.send_keys("4")
-        driver.find_element(By.ID, "img2img_generate").click()
-        wait.until(lambda d: "1 images" in d.find_element(By.ID, "img2img_status").text)
+        toasts = lambda: driver.find_elements(By.CSS_SELECTOR, "[class*=toast-body]")  # noqa: E731  (gr.Error)
+        for _ in range(3):  # the editor may still be reading the upload: Generate then says so, and we retry
+            seen = len(toasts())
+            driver.find_element(By.ID, "img2img_generate").click()
+            wait.until(lambda d: "1 images" in d.find_element(By.ID, "img2img_status").text or len(toasts()) > seen)
+            if "1 images" in driver.find_element(By.ID, "img2img_status").text:
+                break
+            assert "upload an init image first" in toasts()[-1].text, toasts()[-1].text
+        else:
+            pytest.fail("img2img did not generate")
     finally:
         driver.quit()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import (EMBEDDING_SUFFIXES, LORA_SUFFIXES, adapter_name, find_lora, lora_hash, lora_tags,
+from ..adapters import (LORA_SUFFIXES, adapter_name, embedding_files, find_lora, lora_hash, lora_tags,
                         read_embedding)
 from ..config import DEFAULTS, GenerateConfig
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
@@ -241,8 +241,7 @@ def check_embeddings(args) -> None:
     """--embedding files and --embeddings-dir's, each one readable embedding."""
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise UsageError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
-    found = sorted(p for p in args.embeddings_dir.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES) \
-        if args.embeddings_dir is not None else []
+    found = embedding_files(args.embeddings_dir) if args.embeddings_dir is not None else []
     args.embedding_files = [*args.embedding, *found]
     for path in args.embedding_files:
         if not path.is_file():

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import HTTPException
 
-from ..adapters import EMBEDDING_SUFFIXES, LORA_SUFFIXES, find_lora, lora_tags
+from ..adapters import LORA_SUFFIXES, embedding_files, find_lora, lora_tags
 from ..pipeline import MODEL_SUFFIXES, load_pipeline
 
 DEFAULT_TITLE = "default"  # the shipped model
@@ -80,6 +80,4 @@ class Catalog:
             raise HTTPException(400, str(e).rstrip(".")) from None
 
     def embedding_files(self) -> list[Path]:
-        if self.embeddings_dir is None:
-            return []
-        return sorted(p for p in self.embeddings_dir.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
+        return embedding_files(self.embeddings_dir) if self.embeddings_dir is not None else []

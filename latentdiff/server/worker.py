@@ -6,7 +6,6 @@ request's batch at a time. Waiting jobs know their place in the queue; the runni
 """
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -36,7 +35,6 @@ class Progress:
 class Job:
     name: str
     run: object  # callable(worker) -> result, run on the worker thread
-    id: int = field(default_factory=itertools.count().__next__)
     future: Future = field(default_factory=Future)
 
 
@@ -44,7 +42,7 @@ class Worker:
     def __init__(self, pipe, model_title: str):
         self.pipe, self.model_title = pipe, model_title  # replaced only on the worker thread (a model switch job)
         self.progress = Progress()
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job] = queue.Queue()
         self._waiting: list[Job] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="latentdiff-worker", daemon=True)
@@ -80,12 +78,9 @@ class Worker:
         if self.progress.interrupted:
             raise Interrupted()
 
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            job = self._queue.get()
             with self._lock:
                 self._waiting.remove(job)
                 self.progress = Progress(job=job.name, started=time.time())

@@ -91,6 +91,8 @@ def test_img2img_and_inpainting_equal_the_pipeline(api, pipe):
                num_inference_steps=STEPS, output_type="numpy", progress=False).images[0]
     assert np.array_equal(pixels(r.images[0]), ref)
     assert "Denoising strength: 0.75" in r.info["infotexts"][0] and "Mask blur: 1" in r.info["infotexts"][0]
+    small = requests.post(f"{api.baseurl}/img2img", json={"init_images": [b64png(init.resize((48, 40)))], "steps": 2})
+    assert json.loads(small.json()["info"])["width"] == 48  # no size given: the init image's, as the pipeline
     with pytest.raises(RuntimeError, match="422"):  # a mask of another size is refused, not stretched
         api.img2img(images=[init], mask_image=mask.resize((32, 32)), width=SIZE, height=SIZE)
 

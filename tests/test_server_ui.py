@@ -48,7 +48,7 @@ def test_browser_generates_an_image(server, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 60)
+        wait = WebDriverWait(driver, 120)  # generous: a loaded 2-core machine is slow, not broken
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#txt2img_prompt textarea")).send_keys(
             "a red circle on a blue background")
         for control, value in (("seed", "42"), ("steps", "8")):

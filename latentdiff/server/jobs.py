@@ -16,6 +16,7 @@ from fastapi import HTTPException
 from ..config import DEFAULTS, GenerateConfig
 from ..errors import ModelError
 from ..generation import applied_loras, check, generate, png_params
+from ..images import rounded_size
 from ..pipeline import MAX_SEED
 from ..pngmeta import write_numbered
 from ..schedulers import SAMPLERS
@@ -64,6 +65,8 @@ def generation_job(req: Txt2Img, catalog, outdir: Path, *, images=None, mask=Non
     """The job (run on the worker thread) that makes the request's images; images/mask: decoded PIL images."""
     notes = req.notes()
     cfg = settings(req, notes, init=images is not None)
+    if images is not None:  # unset sizes follow the (first) init image, as the pipeline's own default
+        cfg = replace(cfg, width=cfg.width or rounded_size(images[0].width), height=cfg.height or rounded_size(images[0].height))
     lora_files = catalog.lora_files(req.prompt)  # before queueing: a bad tag is this request's 400
     seed = secrets.randbelow(2**32) if req.seed == -1 else req.seed
     count = req.n_iter * req.batch_size
@@ -82,8 +85,9 @@ def generation_job(req: Txt2Img, catalog, outdir: Path, *, images=None, mask=Non
         result, interrupted = Result(notes=notes), False
         for b in range(req.n_iter):
             worker.begin_batch(b, req.n_iter, steps_run)
-            batch = seeds[b * req.batch_size:(b + 1) * req.batch_size]
-            inits = None if images is None else [images[k % len(images)] for k in range(b * req.batch_size, b * req.batch_size + len(batch))]
+            first = b * req.batch_size
+            batch = seeds[first:first + req.batch_size]
+            inits = None if images is None else [images[k % len(images)] for k in range(first, first + len(batch))]
             try:
                 out = generate(pipe, done, [req.prompt] * len(batch), batch, images=inits,
                                masks=None if mask is None else [mask] * len(batch), lora_dir=catalog.lora_dir,

@@ -130,9 +130,12 @@ def build_ui(server) -> gr.Blocks:
                            images=[image["background"].convert("RGB")],
                            mask=mask if mask is not None and mask.getbbox() else None)
 
-        t2i_go.click(txt2img, inputs=t2i, outputs=[t2i_status, t2i_gallery, t2i_params, infotexts, last_seed])
+        # concurrency_limit=None: the worker queues the jobs (and tells each its place), not Gradio
+        t2i_go.click(txt2img, inputs=t2i, outputs=[t2i_status, t2i_gallery, t2i_params, infotexts, last_seed],
+                     concurrency_limit=None)
         i2i_go.click(img2img, inputs=[editor, strength, mask_blur, *i2i],
-                     outputs=[i2i_status, i2i_gallery, i2i_params, infotexts, last_seed])
+                     outputs=[i2i_status, i2i_gallery, i2i_params, infotexts, last_seed], concurrency_limit=None)
+
         def selected(texts: list[str], evt: gr.SelectData) -> str:
             return texts[evt.index] if evt.index < len(texts) else ""
 

@@ -9,12 +9,24 @@ from pathlib import Path
 
 from .adapters import adapter_name, lora_hash, lora_tags
 from .config import GenerateConfig
+from .errors import ModelError, first_line
 from .files import file_sha256
+from .pipeline import load_pipeline
 from .pngmeta import GenerationParams
 from .precision import precision_name
 from .schedulers import SCHEDULE_A1111, check_scheduler, get_sampler
 
 STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
+
+
+def load_model(model=None, **options):
+    """`load_pipeline`, with any failure (a corrupt or foreign file) as one ModelError sentence naming the model."""
+    try:
+        return load_pipeline(model, **options)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"cannot load model {model or 'default'}: {first_line(e)}") from e
 
 
 def generate(pipe, cfg: GenerateConfig, prompts: list[str], seeds: list[int], *, images=None, masks=None,

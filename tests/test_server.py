@@ -238,3 +238,10 @@ def test_serve_refuses_bad_flags_before_loading(argv, says, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
+
+
+def test_serve_names_a_model_it_cannot_load(serve_folders, capsys):
+    from latentdiff.cli import main
+
+    assert main(["serve", "--model", str(serve_folders / "models" / "broken.safetensors"), "--no-ui"]) == 2
+    assert "cannot load model" in capsys.readouterr().err

@@ -24,11 +24,11 @@ from ..adapters import (LORA_SUFFIXES, adapter_name, embedding_files, find_lora,
 from ..config import DEFAULTS, GenerateConfig
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from ..files import file_sha256, remove_leftovers
-from ..generation import MASK_BLUR, STRENGTH, applied_loras, check, generate, png_params, prompt_settings
+from ..generation import MASK_BLUR, STRENGTH, applied_loras, check, generate, load_model, png_params, prompt_settings
 from ..images import check_mask_blur, rounded_size, size_of
-from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
+from ..pipeline import MAX_SEED, MODEL_SUFFIXES
 from ..pngmeta import read_params, save_png, write_numbered
 from ..precision import PRECISIONS, precision_name
 from ..schedulers import SAMPLERS, SCHEDULERS, check_scheduler, schedule_from_a1111
@@ -36,11 +36,6 @@ from ..schedulers.schedules import start_index
 from .outdir import claim_range
 
 logger = logging.getLogger(__name__)
-
-
-def _first_line(error: BaseException) -> str:
-    """A library's error, cut to its first line (or its type when it says nothing) to fit in one sentence."""
-    return (str(error).strip().splitlines() or [error.__class__.__name__])[0]
 
 
 @dataclass(frozen=True)
@@ -126,7 +121,7 @@ def check_args(args) -> list[Input]:
             params = read_params(args.from_png)
             eta = float(params.extra.get("Eta", args.eta))
         except (OSError, ValueError, SyntaxError) as e:  # not an image, no `parameters` chunk, or text that does not parse
-            raise UsageError(f"cannot replay --from-png {args.from_png}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot replay --from-png {args.from_png}: {first_line(e).rstrip('.')}") from None
         yours = {name: getattr(args, name) for name in sorted(getattr(args, "given", set()) & _OVERRIDABLE)}
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
@@ -360,7 +355,7 @@ def read_pictures(path: Path, flag: str) -> list[Picture]:
                 image.load()
                 pictures.append(Picture(file, image.copy()))
         except UNREADABLE as e:
-            raise UsageError(f"cannot read {flag} {file}: {_first_line(e)}") from None
+            raise UsageError(f"cannot read {flag} {file}: {first_line(e)}") from None
     return pictures
 
 
@@ -374,12 +369,7 @@ def plan(inputs: list[Input], n_iter: int, n_samples: int, seed: int) -> list[It
 
 
 def load(args):
-    try:
-        return load_pipeline(args.model, device=process_state().device, precision=args.precision)
-    except ModelError:
-        raise
-    except Exception as e:  # a corrupt or foreign file: say which, in one sentence
-        raise ModelError(f"cannot load model {args.model or 'default'}: {_first_line(e)}") from e
+    return load_model(args.model, device=process_state().device, precision=args.precision)
 
 
 def check_against_model(args, pipe) -> tuple[int, int]:
@@ -437,12 +427,12 @@ def run(args, inputs: list[Input]) -> int:
         try:
             pipe.load_lora(path, scale=scale, name=name)
         except (ValueError, OSError) as e:
-            raise UsageError(f"cannot apply --lora {path}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot apply --lora {path}: {first_line(e).rstrip('.')}") from None
     for path in args.embedding_files:
         try:
             pipe.load_embedding(path)
         except ValueError as e:
-            raise UsageError(f"cannot use embedding {path}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot use embedding {path}: {first_line(e).rstrip('.')}") from None
     note_conversions(inputs)
     items = plan(inputs, args.n_iter, args.n_samples, args.seed)
 

@@ -102,8 +102,8 @@ class Server:
                 return
             try:
                 worker.pipe = self.catalog.load(entry)
-            except (ModelError, ValueError, OSError) as e:
-                raise HTTPException(422, f"cannot load model {entry.title}: {e}") from None
+            except ModelError as e:  # a file that is not a model: the client named it, a 422
+                raise HTTPException(422, str(e)) from None
             worker.model_title = entry.title
 
         return self.run("load model", load)

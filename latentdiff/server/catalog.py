@@ -10,7 +10,8 @@ from pathlib import Path, PurePosixPath
 from fastapi import HTTPException
 
 from ..adapters import LORA_SUFFIXES, embedding_files, find_lora, lora_tags
-from ..pipeline import MODEL_SUFFIXES, load_pipeline
+from ..generation import load_model
+from ..pipeline import MODEL_SUFFIXES
 
 DEFAULT_TITLE = "default"  # the shipped model
 _HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # A1111 titles end in " [short hash]"
@@ -59,7 +60,7 @@ class Catalog:
 
     def load(self, entry: ModelEntry):
         """The pipeline of a model entry, with every embedding of the embeddings folder loaded (as A1111 does)."""
-        pipe = load_pipeline(entry.path)
+        pipe = load_model(entry.path)
         for path in self.embedding_files():
             pipe.load_embedding(path)
         return pipe

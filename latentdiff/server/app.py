@@ -82,7 +82,7 @@ class Server:
             raise HTTPException(503, f"{MAX_QUEUE} requests are waiting; try again later")
         try:
             return await asyncio.wrap_future(self.worker.submit(name, job).future)
-        except (HTTPException, asyncio.CancelledError):
+        except HTTPException:  # the request's own fault (4xx), raised in the job
             raise
         except ModelError as e:
             raise HTTPException(500, f"{name} failed: {e}") from None

@@ -28,7 +28,7 @@ UNHONOURED = {
     "firstphase_height": None, "hr_scale": None, "hr_upscaler": None, "hr_second_pass_steps": None,
     "hr_resize_x": None, "hr_resize_y": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
     "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "comments": None, "force_task_id": None,
-    "infotext": None, "user": None, "firstpass_image": None, "send_images": None,
+    "infotext": None, "user": None, "firstpass_image": None,
     # image-to-image settings of A1111's inpainting that latentdiff's inpainting does in its own way
     "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
 }

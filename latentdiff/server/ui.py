@@ -120,15 +120,10 @@ def build_ui(server) -> gr.Blocks:
         def txt2img(*values):
             yield from run("txt2img", Txt2Img, list(values), {})
 
-        def img2img(image, denoise, blur, *values):
-            """The editor's picture, and its paint layer as the mask (nothing painted: image-to-image)."""
-            if not image or image.get("background") is None:
-                raise gr.Error("upload an init image first")
-            layers = image.get("layers") or []
-            mask = layers[0].getchannel("A").point(lambda a: 255 if a else 0) if layers else None
+        def img2img(editor_value, denoise, blur, *values):
+            image, mask = editor_inputs(editor_value)
             yield from run("img2img", Img2Img, list(values), {"denoising_strength": denoise, "mask_blur": blur},
-                           images=[image["background"].convert("RGB")],
-                           mask=mask if mask is not None and mask.getbbox() else None)
+                           images=[image], mask=mask)
 
         # concurrency_limit=None: the worker queues the jobs (and tells each its place), not Gradio
         t2i_go.click(txt2img, inputs=t2i, outputs=[t2i_status, t2i_gallery, t2i_params, infotexts, last_seed],
@@ -157,6 +152,16 @@ def build_ui(server) -> gr.Blocks:
                    inputs=png, outputs=png_text)
         send.click(replay, inputs=png_text, outputs=[*t2i[:10], tabs])
     return ui
+
+
+def editor_inputs(value: dict | None):
+    """The image editor's picture (RGB) and its paint layer as the mask: white where painted, None if nothing is
+    (then it is image-to-image)."""
+    if not value or value.get("background") is None:
+        raise gr.Error("upload an init image first")
+    layers = value.get("layers") or []
+    mask = layers[0].getchannel("A").point(lambda a: 255 if a else 0) if layers else None
+    return value["background"].convert("RGB"), mask if mask is not None and mask.getbbox() else None
 
 
 def replay(text: str):

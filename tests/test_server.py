@@ -196,6 +196,8 @@ def test_bad_input_is_a_4xx_naming_the_field(server):
     assert big.status_code == 413
     huge = requests.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": [b64png(_blank((2100, 8)))]})
     assert huge.status_code == 422 and "init_images[0]" in huge.json()["detail"]
+    bomb = requests.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": [_png_header(100_000, 100_000)]})
+    assert bomb.status_code == 422 and "2048" in bomb.json()["detail"]  # refused from the header, never decoded
     r = requests.post(url, json={"prompt": "x", "steps": 1, "width": 68, "height": 64, "mystery": 1,
                                  "restore_faces": True, "enable_hr": False})
     notes = json.loads(r.json()["info"])["notes"]
@@ -204,6 +206,18 @@ def test_bad_input_is_a_4xx_naming_the_field(server):
     assert any("width 68 rounded down to 64" in n for n in notes) and not any("enable_hr" in n for n in notes)
     old_field = requests.post(url, json={"prompt": "x", "steps": 1, "sampler_index": "Euler a"})  # A1111 < 1.5 clients
     assert json.loads(old_field.json()["info"])["sampler_name"] == "Euler a"
+
+
+def _png_header(width: int, height: int) -> str:
+    """A base64 PNG that only claims its size (IHDR, no pixels): what a decompression bomb looks like up front."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IEND", b"")).decode()
 
 
 def _blank(size):

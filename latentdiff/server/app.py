@@ -36,6 +36,8 @@ def decode_image(data: str, field: str):
         image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data)))
     except (binascii.Error, ValueError, UnidentifiedImageError) as e:
         raise HTTPException(422, f"{field}: not a base64-encoded image ({e.__class__.__name__})") from None
+    except Image.DecompressionBombError:  # a header claiming billions of pixels
+        raise HTTPException(422, f"{field}: the image is larger than {MAX_SIDE} pixels a side") from None
     if max(image.size) > MAX_SIDE:
         raise HTTPException(422, f"{field}: the image is {image.width}x{image.height}; the server takes at most "
                                  f"{MAX_SIDE} pixels a side")

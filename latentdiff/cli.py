@@ -12,6 +12,7 @@ commands:
   make-shapes OUTDIR --n N    write the synthetic captioned "shapes" dataset
   eval-shapes [--model M]     judge a model on every caption of the shapes grammar
   convert SRC DST [--dtype D]  a model between diffusers folder and single file; a LoRA to kohya's layout
+  serve [--port 7860] [...]   a web UI and an AUTOMATIC1111-compatible API (/sdapi/v1) on 127.0.0.1
 """
 
 
@@ -51,9 +52,15 @@ def _convert(argv):
     return main(argv)
 
 
+def _serve(argv):
+    from .commands.serve import main
+
+    return main(argv)
+
+
 # Imported on use: `latentdiff --help` and bad commands answer without importing torch.
 COMMANDS = {"generate": _generate, "train": _train, "train-vae": _train_vae, "make-shapes": _make_shapes, "eval-shapes": _eval_shapes,
-            "convert": _convert}
+            "convert": _convert, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,3 +11,8 @@ class TrainingError(RuntimeError):
 
 class UsageError(ValueError):
     """Bad input to a command: reported as one sentence, exit code 2, nothing written."""
+
+
+def first_line(error: BaseException) -> str:
+    """A library's error, cut to its first line (or its type when it says nothing) to fit in one sentence."""
+    return (str(error).strip().splitlines() or [error.__class__.__name__])[0]

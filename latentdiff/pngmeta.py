@@ -89,6 +89,23 @@ def write_png(path, image, parameters: str | None = None, *, exclusive: bool = F
 
     `exclusive`: never replace an existing file (FileExistsError instead), even one another process just made.
     """
+    (create_exclusive_bytes if exclusive else atomic_write_bytes)(Path(path), png_bytes(image, parameters))
+
+
+def write_numbered(folder: Path, name, image, parameters: str | None = None) -> Path:
+    """Write a PNG as folder / name(n) with the first free n from the number of PNGs there on; never replaces a
+    file (another writer may take the same number at the same moment: then the next one). Returns its path."""
+    n = len(list(Path(folder).glob("*.png")))
+    while True:
+        try:
+            write_png(Path(folder) / name(n), image, parameters, exclusive=True)
+            return Path(folder) / name(n)
+        except FileExistsError:
+            n += 1
+
+
+def png_bytes(image, parameters: str | None = None) -> bytes:
+    """A PIL image as PNG file bytes, with a `parameters` chunk if given (the server sends these)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -96,7 +113,7 @@ def write_png(path, image, parameters: str | None = None, *, exclusive: bool = F
         info.add_text("parameters", parameters)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    (create_exclusive_bytes if exclusive else atomic_write_bytes)(Path(path), buf.getvalue())
+    return buf.getvalue()
 
 
 def save_png(path, image, params: GenerationParams, *, exclusive: bool = False) -> None:

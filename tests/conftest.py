@@ -59,3 +59,42 @@ def tiny_inpaint_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-sd-inpainting"
     LatentDiffusionPipeline(unet, vae, text_encoder, tokenizer, ScheduleConfig()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def serve_folders(tmp_path_factory):
+    """A models folder (a copy of the shipped model, a broken file), a LoRA folder, an embeddings folder, and a
+    file outside them."""
+    import shutil
+
+    from latentdiff.pipeline import DEFAULT_MODEL
+
+    root = tmp_path_factory.mktemp("serve")
+    models, loras = root / "models", root / "loras"
+    models.mkdir(), loras.mkdir()
+    shutil.copytree(DEFAULT_MODEL, models / "shapes-copy")  # the same weights under another name
+    (models / "broken.safetensors").write_bytes(b"not a model")
+    (loras / "style.safetensors").write_bytes(b"")
+    (root / "secret.safetensors").write_bytes(b"outside the models folder")
+    (root / "embeddings").mkdir()
+    from safetensors.torch import save_file
+    save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(0))},  # A1111 layout,
+              root / "embeddings" / "filmgrain.safetensors")  # two vectors for the shipped 128-wide text encoder
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(serve_folders):
+    """The real `latentdiff serve` server (API and UI) on the shipped model, on a free localhost port; one for the
+    session, so tests/test_server.py and tests/test_server_ui.py load and warm up the model once."""
+    import importlib.util
+
+    from helpers import start_server
+    from latentdiff.commands.serve import Settings
+
+    srv = start_server(Settings(models_dir=serve_folders / "models", lora_dir=serve_folders / "loras",
+                                embeddings_dir=serve_folders / "embeddings", outdir=serve_folders / "out",
+                                max_body_bytes=2**20,
+                                ui=importlib.util.find_spec("gradio") is not None))
+    yield srv
+    srv.stop()

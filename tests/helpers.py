@@ -31,3 +31,39 @@ def random_lora_file(model_dir, path, *, seed: int = 0, text_encoder: bool = Fal
         layers["text_encoder_lora_layers"] = get_peft_model_state_dict(donor.text_encoder)
     StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(settings):
+    """The real server (`latentdiff serve`'s app on uvicorn) in a thread on a free localhost port; returns
+    .url, .app and .stop(). The model loads before it listens, as the command does."""
+    import dataclasses
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from latentdiff.server import create_app
+
+    settings = dataclasses.replace(settings, port=free_port())
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join()
+
+    return SimpleNamespace(url=f"http://{settings.host}:{settings.port}", app=app, stop=stop)

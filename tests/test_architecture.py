@@ -10,8 +10,8 @@ LAYERS = [
     {"errors", "files", "config", "precision", "devices", "text", "prompts", "guidance", "vae", "schedulers", "optimize",
      "pngmeta", "images", "conditioning"},
     {"data", "checkpoints", "adapters"},
-    {"pipeline", "training", "evaluate"},
-    {"commands", "cli", "__init__"},
+    {"pipeline", "training", "evaluate", "generation"},
+    {"commands", "server", "cli", "__init__"},
 ]
 
 

@@ -15,6 +15,11 @@ import torch
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
+def embedding_files(folder) -> list[Path]:
+    """Every embedding file of a folder, in name order (its own files, not its subfolders', as A1111 loads them)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
+
+
 def read_embedding(path) -> tuple[str, torch.Tensor]:
     """(the file's own token name, vectors (n, width)) of an A1111 or diffusers embedding file."""
     path = Path(path)

@@ -46,7 +46,10 @@ def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
 
 
 def find_lora(name: str, folder) -> Path:
-    """The file `name`.safetensors in `folder` or a subfolder (as A1111's LoRA folder); ValueError if none."""
+    """The file `name`.safetensors in `folder` or a subfolder (as A1111's LoRA folder); ValueError if none, or if
+    `name` is not a plain file name (a path or a wildcard would find files outside the folder, or any file)."""
+    if Path(name).name != name or name in (".", "..") or any(c in name for c in "*?[]\\"):
+        raise ValueError(f"<lora:{name}> must name a LoRA file by its name, not a path or a pattern.")
     folder = Path(folder)
     for suffix in LORA_SUFFIXES:
         found = sorted(folder.rglob(f"{name}{suffix}"))

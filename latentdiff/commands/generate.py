@@ -19,28 +19,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import (EMBEDDING_SUFFIXES, LORA_SUFFIXES, adapter_name, find_lora, lora_hash, lora_tags,
+from ..adapters import (LORA_SUFFIXES, adapter_name, embedding_files, find_lora, lora_hash, lora_tags,
                         read_embedding)
-from ..config import DEFAULTS
+from ..config import DEFAULTS, GenerateConfig
 from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from ..files import file_sha256, remove_leftovers
+from ..generation import MASK_BLUR, STRENGTH, applied_loras, check, generate, load_model, png_params, prompt_settings
 from ..images import check_mask_blur, rounded_size, size_of
-from ..pipeline import MAX_SEED, MODEL_SUFFIXES, load_pipeline
-from ..pngmeta import GenerationParams, read_params, save_png, write_png
+from ..pipeline import MAX_SEED, MODEL_SUFFIXES
+from ..pngmeta import read_params, save_png, write_numbered
 from ..precision import PRECISIONS, precision_name
-from ..schedulers import SAMPLERS, SCHEDULE_A1111, SCHEDULERS, check_scheduler, get_sampler, schedule_from_a1111
+from ..schedulers import SAMPLERS, SCHEDULERS, check_scheduler, schedule_from_a1111
 from ..schedulers.schedules import start_index
 from .outdir import claim_range
 
 logger = logging.getLogger(__name__)
-STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
-
-
-def _first_line(error: BaseException) -> str:
-    """A library's error, cut to its first line (or its type when it says nothing) to fit in one sentence."""
-    return (str(error).strip().splitlines() or [error.__class__.__name__])[0]
 
 
 @dataclass(frozen=True)
@@ -126,7 +121,7 @@ def check_args(args) -> list[Input]:
             params = read_params(args.from_png)
             eta = float(params.extra.get("Eta", args.eta))
         except (OSError, ValueError, SyntaxError) as e:  # not an image, no `parameters` chunk, or text that does not parse
-            raise UsageError(f"cannot replay --from-png {args.from_png}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot replay --from-png {args.from_png}: {first_line(e).rstrip('.')}") from None
         yours = {name: getattr(args, name) for name in sorted(getattr(args, "given", set()) & _OVERRIDABLE)}
         args.prompt, args.negative_prompt, args.seed = params.prompt, params.negative_prompt, params.seed
         args.steps, args.scale, args.sampler = params.steps, params.cfg_scale, params.sampler
@@ -184,21 +179,29 @@ def check_args(args) -> list[Input]:
     if args.precision not in PRECISIONS:
         raise UsageError(f"unknown precision {args.precision!r}; expected one of: {', '.join(PRECISIONS)}")
     if args.model is not None:
-        model = Path(args.model)
-        if not model.exists():
-            raise UsageError(f"model {model} does not exist; expected a diffusers-format folder or a .safetensors/.ckpt file")
-        if model.is_file() and model.suffix.lower() not in MODEL_SUFFIXES:
-            raise UsageError(f"model file {model} has an unknown extension; expected .safetensors or .ckpt")
-        if model.is_file() and not os.access(model, os.R_OK):
-            raise UsageError(f"model file {model} is not readable")
+        check_model(Path(args.model))
     check_loras(args, [it.prompt for it in inputs])
     check_embeddings(args)
-    existing = next(p for p in [args.outdir, *args.outdir.parents] if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"output directory {args.outdir} cannot be made: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {args.outdir} is not writable")
+    check_outdir(args.outdir)
     return inputs
+
+
+def check_model(model: Path) -> None:
+    if not model.exists():
+        raise UsageError(f"model {model} does not exist; expected a diffusers-format folder or a .safetensors/.ckpt file")
+    if model.is_file() and model.suffix.lower() not in MODEL_SUFFIXES:
+        raise UsageError(f"model file {model} has an unknown extension; expected .safetensors or .ckpt")
+    if model.is_file() and not os.access(model, os.R_OK):
+        raise UsageError(f"model file {model} is not readable")
+
+
+def check_outdir(outdir: Path) -> None:
+    """A folder that exists and is writable, or one that can be made."""
+    existing = next(p for p in [outdir, *outdir.parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"output directory {outdir} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {outdir} is not writable")
 
 
 def check_loras(args, prompts: list[str]) -> None:
@@ -233,8 +236,7 @@ def check_embeddings(args) -> None:
     """--embedding files and --embeddings-dir's, each one readable embedding."""
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise UsageError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
-    found = sorted(p for p in args.embeddings_dir.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES) \
-        if args.embeddings_dir is not None else []
+    found = embedding_files(args.embeddings_dir) if args.embeddings_dir is not None else []
     args.embedding_files = [*args.embedding, *found]
     for path in args.embedding_files:
         if not path.is_file():
@@ -243,19 +245,6 @@ def check_embeddings(args) -> None:
             read_embedding(path)
         except ValueError as e:
             raise UsageError(str(e).rstrip(".")) from None
-
-
-def embedding_params(pipe, prompt: str, negative: str) -> dict[str, str]:
-    """A1111's `TI hashes` field: the embeddings this image's prompts use, by word, with the file's short sha256."""
-    used = dict.fromkeys(pipe.embeddings.used(prompt) + pipe.embeddings.used(negative))
-    return {"TI hashes": ", ".join(f"{w}: {file_sha256(pipe.embeddings.files[w])[:12]}" for w in used)} if used else {}
-
-
-def lora_params(args, prompt: str) -> dict[str, str]:
-    """A1111's `Lora hashes` field: every LoRA applied to this image, by name, with its addnet hash."""
-    files = {name: path for path, _, name in args.loras}
-    files |= {adapter_name(n): args.tag_files[n] for n in lora_tags(prompt)[1] if n in args.tag_files}
-    return {"Lora hashes": ", ".join(f"{n}: {lora_hash(f)}" for n, f in files.items())} if files else {}
 
 
 # Settings a flag given with --from-png changes (the rest of the replay stays the PNG's)
@@ -366,7 +355,7 @@ def read_pictures(path: Path, flag: str) -> list[Picture]:
                 image.load()
                 pictures.append(Picture(file, image.copy()))
         except UNREADABLE as e:
-            raise UsageError(f"cannot read {flag} {file}: {_first_line(e)}") from None
+            raise UsageError(f"cannot read {flag} {file}: {first_line(e)}") from None
     return pictures
 
 
@@ -380,42 +369,25 @@ def plan(inputs: list[Input], n_iter: int, n_samples: int, seed: int) -> list[It
 
 
 def load(args):
-    try:
-        return load_pipeline(args.model, device=process_state().device, precision=args.precision)
-    except ModelError:
-        raise
-    except Exception as e:  # a corrupt or foreign file: say which, in one sentence
-        raise ModelError(f"cannot load model {args.model or 'default'}: {_first_line(e)}") from e
+    return load_model(args.model, device=process_state().device, precision=args.precision)
 
 
 def check_against_model(args, pipe) -> tuple[int, int]:
     """The checks that need the model (its native size, schedule and dtype), before anything is written."""
     try:
-        height, width = pipe.check_size(args.H, args.W)
-        get_sampler(args.sampler, pipe.schedule, args.scheduler, eta=args.eta).set_timesteps(args.steps)
-        if args.clip_skip > pipe.conditioner.max_clip_skip:
-            raise ValueError(f"--clip-skip {args.clip_skip} is more than this model's text encoders allow "
-                             f"({pipe.conditioner.max_clip_skip})")
-        pipe.check_unet(inpainting=args.mask is not None)
+        return check(pipe, recipe(args, args.H, args.W), args.n_samples, inpainting=args.mask is not None)
     except ValueError as e:
         raise UsageError(str(e).replace("height and width", "--H and --W").replace("num_inference_steps", "--steps")
-                         .replace("image= and mask_image=", "--init-image and --mask").rstrip(".")) from None
-    need = pipe.estimate_step_bytes(args.n_samples, height, width, guidance=args.scale > 1)
-    free = free_memory(pipe.device)
-    if need > free:
-        raise UsageError(f"--n-samples {args.n_samples} at {width}x{height} needs about {need / 2**30:.1f} GiB for one "
-                         f"denoising step, more than the {free / 2**30:.1f} GiB free; lower --n-samples")
-    return height, width
+                         .replace("clip_skip", "--clip-skip").replace("image= and mask_image=", "--init-image and --mask")
+                         .replace("a batch of", "--n-samples").rstrip(".")
+                         + ("; lower --n-samples" if "GiB free" in str(e) else "")) from None
 
 
-def free_memory(device) -> int:
-    if device.type == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
+def recipe(args, height: int | None, width: int | None) -> GenerateConfig:
+    """The job's settings as the library's config (strength and mask blur only where they apply)."""
+    return GenerateConfig(args.negative_prompt, args.steps, args.scale, args.sampler, args.eta, args.scheduler,
+                          args.clip_skip, args.guidance_rescale, width, height, args.precision,
+                          strength=args.strength, mask_blur=args.mask_blur)
 
 
 def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
@@ -425,7 +397,7 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     spec = {"prompts": [it.prompt for it in inputs], "negative_prompt": args.negative_prompt, "n_iter": args.n_iter,
             "n_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "scale": args.scale,
             "sampler": args.sampler, "eta": args.eta, "width": width, "height": height,
-            **_prompt_settings(args, pipe),
+            **prompt_settings(recipe(args, height, width), pipe),
             "precision": precision_name(pipe.dtype), "model": str(Path(args.model).resolve()) if args.model else "default"}
     for key, pictures in (("init_images", [it.init for it in inputs]), ("masks", [it.mask for it in inputs])):
         if pictures[0] is not None:
@@ -443,29 +415,6 @@ def job_spec(args, inputs: list[Input], pipe, width: int, height: int) -> dict:
     return spec
 
 
-def _prompt_settings(args, pipe) -> dict:
-    """The schedule that runs and the text-encoding settings, where they differ from the defaults (so a default
-    job's spec, and its id, is what it always was)."""
-    schedule = check_scheduler(args.sampler, args.scheduler, pipe.schedule)
-    return ({"scheduler": schedule} if schedule != "normal" else {}) | \
-        ({"clip_skip": args.clip_skip} if args.clip_skip != 1 else {}) | \
-        ({"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {})
-
-
-def _prompt_params(args, pipe) -> dict[str, str]:
-    """Their PNG fields, in A1111's names."""
-    names = {"scheduler": "Schedule type", "clip_skip": "Clip skip", "guidance_rescale": "Guidance rescale"}
-    values = _prompt_settings(args, pipe)
-    values = values | ({"scheduler": SCHEDULE_A1111[values["scheduler"]]} if "scheduler" in values else {})
-    return {names[k]: f"{v:g}" if isinstance(v, float) else str(v) for k, v in values.items()}
-
-
-def init_params(args) -> dict[str, str]:
-    """The PNG fields of image-to-image and inpainting, as A1111 writes them."""
-    fields = {STRENGTH: f"{args.strength:g}"} if args.init_image is not None else {}
-    return fields | ({MASK_BLUR: f"{args.mask_blur:g}"} if args.mask is not None else {})
-
-
 def run(args, inputs: list[Input]) -> int:
     from tqdm.auto import tqdm
 
@@ -478,12 +427,12 @@ def run(args, inputs: list[Input]) -> int:
         try:
             pipe.load_lora(path, scale=scale, name=name)
         except (ValueError, OSError) as e:
-            raise UsageError(f"cannot apply --lora {path}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot apply --lora {path}: {first_line(e).rstrip('.')}") from None
     for path in args.embedding_files:
         try:
             pipe.load_embedding(path)
         except ValueError as e:
-            raise UsageError(f"cannot use embedding {path}: {_first_line(e).rstrip('.')}") from None
+            raise UsageError(f"cannot use embedding {path}: {first_line(e).rstrip('.')}") from None
     note_conversions(inputs)
     items = plan(inputs, args.n_iter, args.n_samples, args.seed)
 
@@ -495,8 +444,8 @@ def run(args, inputs: list[Input]) -> int:
     path = {it.index: samples / f"{first + it.index:05d}.png" for it in items}
     mine = [it for it in items[state.process_index :: state.num_processes] if not path[it.index].exists()]
 
-    extra = {"Precision": precision_name(pipe.dtype), **({"Eta": f"{args.eta:g}"} if args.eta else {}),
-             **_prompt_params(args, pipe), **init_params(args)}
+    cfg = recipe(args, height, width)
+    given = {name: file for file, _, name in args.loras}
     if getattr(args, "png_model_hash", "") and pipe.model_hash and args.png_model_hash != pipe.model_hash:
         logger.warning("--from-png %s was made with model hash %s; the loaded model's is %s: the image will differ",
                        args.from_png, args.png_model_hash, pipe.model_hash)
@@ -505,18 +454,12 @@ def run(args, inputs: list[Input]) -> int:
     batches = [group for b in range(0, len(mine), args.n_samples)  # one LoRA tag set per call: they apply batch-wide
                for group in _by_tags(mine[b : b + args.n_samples])]
     for batch in batches:
-        init = {} if args.init_image is None else {"image": [it.init.image for it in batch], "strength": args.strength}
-        if args.mask is not None:
-            init |= {"mask_image": [it.mask.image for it in batch], "mask_blur": args.mask_blur}
-        out = pipe([it.prompt for it in batch], args.negative_prompt, height=height, width=width,
-                   num_inference_steps=args.steps, guidance_scale=args.scale, seed=[it.seed for it in batch],
-                   sampler=args.sampler, scheduler=args.scheduler, eta=args.eta, clip_skip=args.clip_skip,
-                   guidance_rescale=args.guidance_rescale, progress=False, lora_dir=args.lora_dir, **init)
+        out = generate(pipe, cfg, [it.prompt for it in batch], [it.seed for it in batch],
+                       images=None if args.init_image is None else [it.init.image for it in batch],
+                       masks=None if args.mask is None else [it.mask.image for it in batch], lora_dir=args.lora_dir)
         for it, image in zip(batch, out.images):
-            params = GenerationParams(it.prompt, args.negative_prompt, args.steps, args.sampler, args.scale, it.seed,
-                                      width, height, pipe.name, pipe.model_hash,
-                                      extra | lora_params(args, it.prompt)
-                                      | embedding_params(pipe, it.prompt, args.negative_prompt))
+            params = png_params(pipe, cfg, it.prompt, it.seed, init=args.init_image is not None, mask=args.mask is not None,
+                                loras=applied_loras(it.prompt, given, args.tag_files))
             try:
                 save_png(path[it.index], image, params, exclusive=True)
                 made += 1
@@ -558,12 +501,7 @@ def _write_grid(outdir: Path, files: list[Path], n_cols: int) -> None:
     grid = Image.new("RGB", (cols * w, rows * h))
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    n = len(list(outdir.glob("grid-*.png")))
-    while True:  # another job may take the same number at the same moment: then the next one
-        try:
-            return write_png(outdir / f"grid-{n:04d}.png", grid, exclusive=True)
-        except FileExistsError:
-            n += 1
+    write_numbered(outdir, lambda n: f"grid-{n:04d}.png", grid)
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

@@ -18,6 +18,7 @@ webuiapi = pytest.importorskip("webuiapi")
 
 from helpers import start_server  # noqa: E402
 from latentdiff.commands.serve import Settings  # noqa: E402
+from latentdiff.config import DEFAULTS  # noqa: E402
 from latentdiff.pipeline import load_pipeline  # noqa: E402
 
 STEPS, SIZE = 4, 64  # the shipped model's native size; few steps keep every request well under a second
@@ -46,7 +47,7 @@ def b64png(image) -> str:
 
 def test_txt2img_equals_the_pipeline_and_the_batch_script(api, pipe, server, tmp_path):
     r = api.txt2img(prompt="a red circle on a blue background", seed=123, width=SIZE, height=SIZE, batch_size=2,
-                    cfg_scale=7.5, sampler_name="Euler a", scheduler="Karras", save_images=True)
+                    cfg_scale=DEFAULTS.guidance_scale, sampler_name="Euler a", scheduler="Karras", save_images=True)
     assert r.info["all_seeds"] == [123, 124] and r.info["sampler_name"] == "Euler a" and r.info["notes"] == []
     ref = pipe(["a red circle on a blue background"] * 2, seed=[123, 124], num_inference_steps=STEPS,
                sampler="euler_ancestral", scheduler="karras", output_type="numpy", progress=False).images
@@ -86,7 +87,7 @@ def test_img2img_and_inpainting_equal_the_pipeline(api, pipe):
     mask = Image.new("L", init.size)
     mask.paste(255, (16, 16, 48, 48))
     r = api.img2img(images=[init], mask_image=mask, mask_blur=1, denoising_strength=0.75, seed=9,
-                    prompt="a green square on a blue background", width=SIZE, height=SIZE, cfg_scale=7.5)
+                    prompt="a green square on a blue background", width=SIZE, height=SIZE, cfg_scale=DEFAULTS.guidance_scale)
     ref = pipe("a green square on a blue background", image=init, mask_image=mask, mask_blur=1, strength=0.75, seed=9,
                num_inference_steps=STEPS, output_type="numpy", progress=False).images[0]
     assert np.array_equal(pixels(r.images[0]), ref)

@@ -67,7 +67,7 @@ class LatentDiffusionPipeline:
                                             zero_empty_negative=force_zeros_for_empty_prompt)
                             if self.is_sdxl else CLIPConditioner(tokenizer, text_encoder))
         self.denoiser = EagerUNet(unet)  # ε(x_t, t, condition); optimize.py may swap in CUDA-graph replay
-        self.loras = Loras(unet, text_encoder)
+        self.loras = Loras(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
         self.embeddings = Embeddings(tokenizer, text_encoder)
         self._hash: str | None = None
 
@@ -188,7 +188,6 @@ class LatentDiffusionPipeline:
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA file (latentdiff's, diffusers' or kohya/A1111's layout) as adapter `name` (default: from the
         file name) at `scale`, beside those already loaded; returns its name."""
-        self._not_for_sdxl("LoRA")
         name = self.loras.load(path, scale=scale, name=name)
         self.denoiser.reset()  # new layers in the UNet: captured graphs would not run them
         return name

@@ -225,8 +225,6 @@ def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, mon
     from latentdiff.training.config import ConfigError
     from latentdiff.training.trainer import load_model
 
-    with pytest.raises(ModelError, match="LoRA is not supported for SDXL"):
-        pipe.load_lora(tmp_path / "x.safetensors")
     with pytest.raises(ModelError, match="embedding is not supported for SDXL"):
         pipe.load_embedding(tmp_path / "x.pt")
     with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
@@ -296,3 +294,40 @@ def test_graph_replay_wrapper_carries_the_added_conditioning(pipe):
         pipe.denoiser = EagerUNet(pipe.unet)
     torch.testing.assert_close(resized, latents(original_size=(128, 128)), atol=0, rtol=0)
     assert (resized - eager).abs().max() > 1e-3
+
+
+def test_lora_on_unet_and_both_encoders_equals_diffusers(sdxl_dir, tmp_path):
+    """A LoRA on the UNet, CLIP-L and bigG (diffusers' SDXL layout), at a scale, equals load_lora_weights +
+    set_adapters; unloading gives the base model's images back."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    for encoder in (donor.text_encoder, donor.text_encoder_2):
+        encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for model in (donor.unet, donor.text_encoder, donor.text_encoder_2):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=generator)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, weight_name="style.safetensors", unet_lora_layers=get_peft_model_state_dict(donor.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(donor.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(donor.text_encoder_2))
+
+    ours = load_pipeline(sdxl_dir, device="cpu", precision="fp32")
+    base = _ours(ours, "euler")
+    assert ours.load_lora(tmp_path / "style.safetensors", scale=0.7) == "style"
+    assert all("style" in getattr(m, "peft_config", {}) for m in (ours.unet, ours.text_encoder, ours.text_encoder_2))
+    theirs = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    theirs.load_lora_weights(str(tmp_path / "style.safetensors"), adapter_name="style")
+    theirs.set_adapters(["style"], adapter_weights=[0.7])
+    mine = _ours(ours, "euler")
+    assert (mine - base).abs().max().item() > 0.05
+    assert (mine - _theirs(theirs, "euler")).abs().max().item() < TOLERANCE
+    ours.unload_lora("style")
+    assert torch.equal(_ours(ours, "euler"), base)

@@ -84,14 +84,16 @@ def _quiet_stacking():
 
 
 class Loras:
-    """The LoRA files loaded into one UNet and text encoder: name → (file, scale)."""
+    """The LoRA files loaded into one UNet and its text encoders: name → (file, scale).
 
-    def __init__(self, unet, text_encoder):
-        self.unet, self.text_encoder = unet, text_encoder
+    `text_encoders` maps each encoder's key prefix in diffusers' layout to it: {"text_encoder": …} for SD 1.x/2.x,
+    plus "text_encoder_2" (bigG) for SDXL, whose kohya files say lora_te1_/lora_te2_."""
+
+    def __init__(self, unet, text_encoders: dict):
+        self.unet, self.text_encoders = unet, {k: v for k, v in text_encoders.items() if v is not None}
         self.files: dict[str, Path] = {}
         self.scales: dict[str, float] = {}
-        self._in_unet: set[str] = set()
-        self._in_text_encoder: set[str] = set()
+        self._in: dict[str, set[str]] = {"unet": set()} | {prefix: set() for prefix in self.text_encoders}
 
     def load(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Load one file as adapter `name` (default: from the file name); returns the name."""
@@ -104,8 +106,8 @@ class Loras:
                              "give this one another name.")
         if not path.is_file():
             raise ValueError(f"LoRA file {path} does not exist.")
-        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
-                                                                           return_lora_metadata=True)
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(path.parent), weight_name=path.name, unet_config=self.unet.config, return_lora_metadata=True)
         try:
             self._inject(state, alphas, metadata, name)
         except (RuntimeError, ValueError) as e:
@@ -116,27 +118,28 @@ class Loras:
             layer, theirs, ours = mismatch.groups()
             raise ValueError(f"{path} does not fit this model: layer {layer} is {theirs} in the file and {ours} here "
                              "(a LoRA for another base model?).") from None
-        if name not in self._in_unet | self._in_text_encoder:
+        if not any(name in names for names in self._in.values()):
             raise ValueError(f"{path} holds no LoRA weights for a UNet or text encoder.")
         self.files[name], self.scales[name] = path, float(scale)
         self._apply(self.scales)
         return name
 
     def _inject(self, state, alphas, metadata, name: str) -> None:
-        """As StableDiffusionPipeline.load_lora_weights does it; metadata keys carry the unet./text_encoder. prefixes.
-        A second adapter makes peft warn that one exists and transformers report the first one's keys as missing
-        from this file: both are the point of stacking, not a problem."""
+        """As StableDiffusion(XL)Pipeline.load_lora_weights does it; state and metadata keys carry the component
+        prefixes (unet., text_encoder., text_encoder_2.). A second adapter makes peft warn that one exists and
+        transformers report the first one's keys as missing from this file: both are the point of stacking."""
         from diffusers import StableDiffusionPipeline
 
         with _quiet_stacking():
             if any(k.startswith("unet.") for k in state):
                 StableDiffusionPipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name,
                                                             metadata=metadata)
-                self._in_unet.add(name)
-            if self.text_encoder is not None and any(k.startswith("text_encoder.") for k in state):
-                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, self.text_encoder,
-                                                                    adapter_name=name, metadata=metadata)
-                self._in_text_encoder.add(name)
+                self._in["unet"].add(name)
+            for prefix, encoder in self.text_encoders.items():
+                if any(k.startswith(prefix + ".") for k in state):
+                    StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix,
+                                                                        adapter_name=name, metadata=metadata)
+                    self._in[prefix].add(name)
 
     def set_scales(self, scales: dict[str, float]) -> None:
         self._check_loaded(scales)
@@ -149,17 +152,18 @@ class Loras:
         self._apply(self.scales)
 
     def _remove(self, name: str) -> None:
-        """Take adapter `name` out of both models, whatever part of it got in."""
+        """Take adapter `name` out of every model, whatever part of it got in."""
         from diffusers.utils.peft_utils import delete_adapter_layers
 
         if name in getattr(self.unet, "peft_config", {}):
             self.unet.delete_adapters(name)
-        if self.text_encoder is not None and name in getattr(self.text_encoder, "peft_config", {}):
-            delete_adapter_layers(self.text_encoder, name)  # pops its peft_config entry too
+        for encoder in self.text_encoders.values():
+            if name in getattr(encoder, "peft_config", {}):
+                delete_adapter_layers(encoder, name)  # pops its peft_config entry too
         for registry in (self.files, self.scales):
             registry.pop(name, None)
-        self._in_unet.discard(name)
-        self._in_text_encoder.discard(name)
+        for names in self._in.values():
+            names.discard(name)
 
     @contextlib.contextmanager
     def scaled(self, scales: dict[str, float]):
@@ -181,9 +185,10 @@ class Loras:
         """Every adapter active at its scale: peft sums their outputs, W x + Σ_i s_i (α_i/r_i) B_i A_i x."""
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-        unet_names = [n for n in scales if n in self._in_unet]
+        unet_names = [n for n in scales if n in self._in["unet"]]
         if unet_names:
             self.unet.set_adapters(unet_names, weights=[scales[n] for n in unet_names])
-        te_names = [n for n in scales if n in self._in_text_encoder]
-        if te_names:
-            set_weights_and_activate_adapters(self.text_encoder, te_names, [scales[n] for n in te_names])
+        for prefix, encoder in self.text_encoders.items():
+            names = [n for n in scales if n in self._in[prefix]]
+            if names:
+                set_weights_and_activate_adapters(encoder, names, [scales[n] for n in names])

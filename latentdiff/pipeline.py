@@ -68,7 +68,8 @@ class LatentDiffusionPipeline:
                             if self.is_sdxl else CLIPConditioner(tokenizer, text_encoder))
         self.denoiser = EagerUNet(unet)  # ε(x_t, t, condition); optimize.py may swap in CUDA-graph replay
         self.loras = Loras(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
-        self.embeddings = Embeddings(tokenizer, text_encoder)
+        self.embeddings = Embeddings({"text_encoder": (tokenizer, text_encoder),
+                                      "text_encoder_2": (tokenizer_2, text_encoder_2)})
         self._hash: str | None = None
 
     @property
@@ -203,7 +204,6 @@ class LatentDiffusionPipeline:
     def load_embedding(self, path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds) as the word `token`
         (default: the file name, or the token a diffusers file stores); returns the word prompts use."""
-        self._not_for_sdxl("a textual-inversion embedding")
         return self.embeddings.load(path, token)
 
     def prompt_loras(self, prompts: list[str], lora_dir=None) -> tuple[list[str], dict[str, float]]:

@@ -65,7 +65,7 @@ def test_embedding_mistakes_are_named(tiny_model_dir, files, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a pickle")
     cases = [
         (tmp_path / "wide.safetensors", "has vectors of width 768; this text encoder takes 32"),
-        (tmp_path / "xl.safetensors", "is an SDXL embedding (clip_l/clip_g vectors)"),
+        (tmp_path / "xl.safetensors", "is an SDXL (clip_l/clip_g) embedding; this model takes SD 1.x/2.x ones"),
         (tmp_path / "other.safetensors", "is not an embedding: expected string_to_param, emb_params"),
         (tmp_path / "broken.pt", "cannot read embedding"),
         (tmp_path / "notes.txt", "is not an embedding file; expected .safetensors, .pt or .bin"),

@@ -225,8 +225,6 @@ def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, mon
     from latentdiff.training.config import ConfigError
     from latentdiff.training.trainer import load_model
 
-    with pytest.raises(ModelError, match="embedding is not supported for SDXL"):
-        pipe.load_embedding(tmp_path / "x.pt")
     with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
         pipe(None, prompt_embeds=torch.zeros(1, 77, 80), num_inference_steps=1, progress=False)
     monkeypatch.setattr("latentdiff.pipeline.load_pipeline", lambda *args, **kwargs: pipe)  # loaded already
@@ -331,3 +329,29 @@ def test_lora_on_unet_and_both_encoders_equals_diffusers(sdxl_dir, tmp_path):
     assert (mine - _theirs(theirs, "euler")).abs().max().item() < TOLERANCE
     ours.unload_lora("style")
     assert torch.equal(_ours(ours, "euler"), base)
+
+
+def test_embedding_with_clip_l_and_clip_g_vectors_equals_diffusers(sdxl_dir, tmp_path):
+    """An SDXL embedding (two vectors per encoder) in prompt and negative: equal to diffusers' load_textual_inversion
+    into each tokenizer and encoder; an SD 1.x/2.x embedding is refused in one sentence."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(7)
+    save_file({"clip_l": torch.randn(2, 32, generator=generator), "clip_g": torch.randn(2, 48, generator=generator)},
+              tmp_path / "neonstyle.safetensors")
+    ours = load_pipeline(sdxl_dir, device="cpu", precision="fp32")
+    assert ours.load_embedding(tmp_path / "neonstyle.safetensors") == "neonstyle"
+    theirs = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    vectors = load_file(tmp_path / "neonstyle.safetensors")
+    for key, encoder, tokenizer in (("clip_l", theirs.text_encoder, theirs.tokenizer),
+                                    ("clip_g", theirs.text_encoder_2, theirs.tokenizer_2)):
+        theirs.load_textual_inversion(vectors[key], token="neonstyle", text_encoder=encoder, tokenizer=tokenizer)
+    prompts = ["a neonstyle circle", "a green star"]
+    mine = _ours(ours, "euler", ["neonstyle"] * 2, prompts=prompts)
+    assert (mine - _ours(load_pipeline(sdxl_dir, device="cpu", precision="fp32"), "euler", ["neonstyle"] * 2,
+                         prompts=prompts)).abs().max().item() > 0.01  # the vectors change the image
+    assert (mine - _theirs(theirs, "euler", prompts=prompts, negative_prompt=["neonstyle"] * 2)).abs().max().item() < TOLERANCE
+    save_file({"emb_params": torch.zeros(1, 32)}, tmp_path / "sd1.safetensors")
+    with pytest.raises(ValueError, match="is an SD 1.x/2.x embedding; this model takes SDXL"):
+        ours.load_embedding(tmp_path / "sd1.safetensors")

@@ -20,8 +20,10 @@ def embedding_files(folder) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file())
 
 
-def read_embedding(path) -> tuple[str, torch.Tensor]:
-    """(the file's own token name, vectors (n, width)) of an A1111 or diffusers embedding file."""
+def read_embedding(path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(the file's own token name, {encoder: vectors (n, width)}) of an A1111 or diffusers embedding file. The
+    encoder keys are diffusers' component names: "text_encoder" for SD 1.x/2.x files; for SDXL files also
+    "text_encoder_2", whose vectors the file calls clip_g (clip_l's go to "text_encoder")."""
     path = Path(path)
     if path.suffix.lower() not in EMBEDDING_SUFFIXES:
         raise ValueError(f"{path} is not an embedding file; expected .safetensors, .pt or .bin.")
@@ -36,26 +38,33 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
         raise ValueError(f"cannot read embedding {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds no embedding (expected a dict of tensors).")
-    if "clip_l" in data or "clip_g" in data:
-        raise ValueError(f"{path} is an SDXL embedding (clip_l/clip_g vectors); this model takes SD 1.x/2.x ones.")
-    if "string_to_param" in data:  # A1111 .pt
-        vectors, name = next(iter(data["string_to_param"].values())), path.stem
+    if "clip_l" in data and "clip_g" in data:  # SDXL
+        name, vectors = path.stem, {"text_encoder": data["clip_l"], "text_encoder_2": data["clip_g"]}
+    elif "string_to_param" in data:  # A1111 .pt
+        name, vectors = path.stem, {"text_encoder": next(iter(data["string_to_param"].values()))}
     elif "emb_params" in data:  # A1111 .safetensors
-        vectors, name = data["emb_params"], path.stem
+        name, vectors = path.stem, {"text_encoder": data["emb_params"]}
     elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):  # diffusers: {token: vector}
-        name, vectors = next(iter(data.items()))
+        name, vector = next(iter(data.items()))
+        vectors = {"text_encoder": vector}
     else:
-        raise ValueError(f"{path} is not an embedding: expected string_to_param, emb_params or one token's vector, "
-                         f"found {', '.join(list(data)[:4])}.")
-    vectors = vectors.detach().float()
-    return name, vectors.reshape(-1, vectors.shape[-1])
+        raise ValueError(f"{path} is not an embedding: expected string_to_param, emb_params, clip_l and clip_g, or "
+                         f"one token's vector, found {', '.join(list(data)[:4])}.")
+    vectors = {k: v.detach().float().reshape(-1, v.shape[-1]) for k, v in vectors.items()}
+    if len({len(v) for v in vectors.values()}) > 1:
+        raise ValueError(f"{path} holds {' and '.join(str(len(v)) for v in vectors.values())} vectors for its two "
+                         "encoders; expected the same number.")
+    return name, vectors
 
 
 class Embeddings:
-    """The embeddings loaded into one tokenizer and text encoder: word → its tokens."""
+    """The embeddings loaded into a model's tokenizers and text encoders: word → its tokens.
 
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+    `encoders` maps diffusers' component name to (tokenizer, text encoder): "text_encoder" for SD 1.x/2.x, plus
+    "text_encoder_2" for SDXL. A word gets the same tokens in every tokenizer, each encoder its own vectors."""
+
+    def __init__(self, encoders: dict):
+        self.encoders = {k: pair for k, pair in encoders.items() if pair[1] is not None}
         self.tokens: dict[str, list[str]] = {}
         self.files: dict[str, Path] = {}
 
@@ -64,21 +73,25 @@ class Embeddings:
         stores); returns the word."""
         name, vectors = read_embedding(path)
         word = token or name
-        width = self.text_encoder.get_input_embeddings().weight.shape[1]
-        if vectors.shape[1] != width:
-            raise ValueError(f"embedding {path} has vectors of width {vectors.shape[1]}; this text encoder takes "
-                             f"{width} (an embedding for another model family).")
-        tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors))]
-        taken = [t for t in tokens if t in self.tokenizer.get_vocab()]
-        if taken:
-            raise ValueError(f"the word {word!r} is already a token of this tokenizer; load the embedding with another "
-                             "token name.")
-        self.tokenizer.add_tokens(tokens)
-        ids = self.tokenizer.convert_tokens_to_ids(tokens)
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
-        with torch.no_grad():
-            table = self.text_encoder.get_input_embeddings().weight
-            table[ids] = vectors.to(table.device, table.dtype)
+        if set(vectors) != set(self.encoders):
+            theirs, ours = ("SDXL (clip_l/clip_g)" if len(d) == 2 else "SD 1.x/2.x" for d in (vectors, self.encoders))
+            raise ValueError(f"{path} is an {theirs} embedding; this model takes {ours} ones.")
+        for key, (tokenizer, encoder) in self.encoders.items():
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if vectors[key].shape[1] != width:
+                raise ValueError(f"embedding {path} has vectors of width {vectors[key].shape[1]}; this text encoder "
+                                 f"takes {width} (an embedding for another model family).")
+            if word in tokenizer.get_vocab():
+                raise ValueError(f"the word {word!r} is already a token of this tokenizer; load the embedding with "
+                                 "another token name.")
+        tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors["text_encoder"]))]
+        for key, (tokenizer, encoder) in self.encoders.items():
+            tokenizer.add_tokens(tokens)
+            ids = tokenizer.convert_tokens_to_ids(tokens)
+            encoder.resize_token_embeddings(len(tokenizer))
+            with torch.no_grad():
+                table = encoder.get_input_embeddings().weight
+                table[ids] = vectors[key].to(table.device, table.dtype)
         self.tokens[word], self.files[word] = tokens, Path(path)
         return word
 

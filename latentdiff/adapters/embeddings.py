@@ -76,15 +76,15 @@ class Embeddings:
         if set(vectors) != set(self.encoders):
             theirs, ours = ("SDXL (clip_l/clip_g)" if len(d) == 2 else "SD 1.x/2.x" for d in (vectors, self.encoders))
             raise ValueError(f"{path} is an {theirs} embedding; this model takes {ours} ones.")
+        tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors["text_encoder"]))]
         for key, (tokenizer, encoder) in self.encoders.items():
             width = encoder.get_input_embeddings().weight.shape[1]
             if vectors[key].shape[1] != width:
                 raise ValueError(f"embedding {path} has vectors of width {vectors[key].shape[1]}; this text encoder "
                                  f"takes {width} (an embedding for another model family).")
-            if word in tokenizer.get_vocab():
+            if any(t in tokenizer.get_vocab() for t in tokens):
                 raise ValueError(f"the word {word!r} is already a token of this tokenizer; load the embedding with "
                                  "another token name.")
-        tokens = [word] + [f"{word}_{i}" for i in range(1, len(vectors["text_encoder"]))]
         for key, (tokenizer, encoder) in self.encoders.items():
             tokenizer.add_tokens(tokens)
             ids = tokenizer.convert_tokens_to_ids(tokens)

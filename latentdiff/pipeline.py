@@ -133,7 +133,7 @@ class LatentDiffusionPipeline:
     def from_config(cls, config_dir, *, seed: int = 0) -> "LatentDiffusionPipeline":
         """Randomly initialised components from a folder of component configs (training from scratch)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         config_dir = Path(config_dir)
         torch.manual_seed(seed)
@@ -141,7 +141,11 @@ class LatentDiffusionPipeline:
         autoencoder = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
         tokenizer, schedule = _read_tokenizer_and_schedule(config_dir)
-        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=config_dir.name)
+        sdxl = {}
+        if (config_dir / "text_encoder_2" / "config.json").is_file():  # SDXL: ViT-bigG with its projection
+            sdxl = {"text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2")),
+                    "tokenizer_2": text.read_tokenizer(config_dir, name="tokenizer_2")}
+        return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=config_dir.name, **sdxl)
 
     def save_pretrained(self, folder, *, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers-format folder (that diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline, loads)
@@ -680,10 +684,9 @@ def load_pipeline(model=None, *, device=None, precision: str = "auto", optimize:
 
 
 def _read_tokenizer_and_schedule(folder: Path):
-    """tokenizer/ (else the bundled CLIP vocabulary) and scheduler/scheduler_config.json (else SD's schedule)."""
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer") if (folder / "tokenizer").is_dir() else text.build_clip_tokenizer()
+    """tokenizer/ (else tokenizer_config.json's settings on the bundled vocabulary) and scheduler/scheduler_config.json
+    (else SD's schedule)."""
+    tokenizer = text.read_tokenizer(folder)
     sched_file = folder / "scheduler" / "scheduler_config.json"
     schedule = ScheduleConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() else ScheduleConfig()
     return tokenizer, schedule

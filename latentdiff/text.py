@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -55,6 +57,19 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int
 
     vocab, merges = _clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=model_max_length)
+
+
+def read_tokenizer(*folders, name: str = "tokenizer"):
+    """The first folder's `name`/ saved by transformers, or its `name`_config.json settings (pad token, window) on the
+    bundled vocabulary; the standard CLIP tokenizer when no folder has either. None folders are skipped."""
+    for folder in (Path(f) for f in folders if f is not None):
+        if (folder / name).is_dir():
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(os.fspath(folder / name))
+        if (folder / f"{name}_config.json").is_file():
+            return build_clip_tokenizer(**json.loads((folder / f"{name}_config.json").read_text()))
+    return build_clip_tokenizer()
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.LongTensor:

@@ -219,6 +219,22 @@ def test_folder_round_trip_through_save_pretrained(tmp_path, pipe):
     assert all(torch.equal(a[k].to(b[k].dtype), b[k]) for k in a) and copy.tokenizer_2.pad_token == "!"
 
 
+def test_from_config_builds_an_sdxl_pipeline_from_component_configs(tmp_path, pipe):
+    """A folder of SDXL component configs (as latentdiff/configs/sdxl, here the tiny model's) → random SDXL weights,
+    tokenizer settings from tokenizer{,_2}_config.json: what training from scratch and the SDXL benchmark start from."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    configs = tmp_path / "configs"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).config.save_pretrained(configs / name) if name.startswith("text") else getattr(pipe, name).save_config(configs / name)
+    (configs / "tokenizer_2_config.json").write_text(json.dumps({"pad_token": "!", "model_max_length": 77}))
+    built = LatentDiffusionPipeline.from_config(configs, seed=3)
+    assert built.is_sdxl and built.tokenizer.pad_token == "<|endoftext|>" and built.tokenizer_2.pad_token == "!"
+    assert built.text_encoder_2.config.projection_dim == pipe.text_encoder_2.config.projection_dim
+    image = built("a red circle", num_inference_steps=2, seed=0, output_type="numpy", progress=False, **SIZE).images
+    assert image.shape == (1, 32, 32, 3)
+
+
 def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -56,6 +56,18 @@ def test_tokenizer_pads_with_endoftext_to_77_by_default_and_takes_sd2s_pad(token
     assert sd2.pad_token == "!" and sd2.pad_token_id == 0 and sd2.model_max_length == 64
 
 
+def test_read_tokenizer_takes_a_saved_tokenizer_then_settings_then_the_default(tokenizer, tmp_path):
+    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
+
+    assert text.read_tokenizer(SHIPPED_CONFIGS / "sd2").pad_token == "!"  # from_config(configs/sd2) pads as SD 2.x does
+    assert text.read_tokenizer(SHIPPED_CONFIGS / "sdxl", name="tokenizer_2").pad_token == "!"
+    assert text.read_tokenizer(None, tmp_path).pad_token == "<|endoftext|>"  # nothing there: the standard tokenizer
+    text.build_clip_tokenizer(pad_token="!", model_max_length=64).save_pretrained(tmp_path / "tokenizer")
+    saved = text.read_tokenizer(tmp_path, SHIPPED_CONFIGS / "sd1")  # the first folder that has one wins
+    assert (saved.pad_token, saved.model_max_length) == ("!", 64)
+    assert saved("a red circle").input_ids == tokenizer("a red circle").input_ids
+
+
 def test_tokenize_pads_every_prompt_to_the_window(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="latentdiff.text"):
         ids = text.tokenize(tokenizer, ["a cat", "", PROMPTS[0]])

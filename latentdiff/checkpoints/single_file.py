@@ -11,7 +11,7 @@ import torch
 
 from ..precision import component_dtypes
 from ..schedulers.schedules import ScheduleConfig
-from ..text import build_clip_tokenizer
+from ..text import read_tokenizer
 from .files import CheckpointError, read_metadata_config, read_state_dict, write_safetensors
 from .keymaps import (CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, UNET_PREFIX, KeyMap,
                       clip_keymap, openclip_keymap, unet_keymap, vae_keymap)
@@ -134,17 +134,6 @@ def _version(layout: str, unet_config: dict) -> str:
     return layout if channels == shipped["in_channels"] else f"{layout}-inpainting" if channels == 9 else "custom"
 
 
-def _tokenizer(config_dir, layout: str, name: str = "tokenizer"):
-    """config_dir's tokenizer/ (tokenizer_2/), else the bundled vocabulary with the layout's settings (SD 2.x and
-    SDXL's ViT-bigG pad with "!")."""
-    if config_dir is not None and (Path(config_dir) / name).is_dir():
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer.from_pretrained(os.fspath(Path(config_dir) / name))
-    settings = json.loads((SHIPPED_CONFIGS / layout / f"{name}_config.json").read_text())
-    return build_clip_tokenizer(**settings)
-
-
 def use_ema_weights(path, state_dict: dict) -> dict:
     """The UNet's EMA copy in place of its weights: LDM stores it as `model_ema.<key without the dots>` beside
     `model.diffusion_model.<key>`; CheckpointError if the file has none."""
@@ -196,7 +185,7 @@ def load_single_file(path, *, config_dir=None, prediction_type: str | None = Non
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
-    tokenizers = {t: _tokenizer(config_dir, layout, t) for t in (name.replace("text_encoder", "tokenizer") for name in encoders)}
+    tokenizers = {t: read_tokenizer(config_dir, SHIPPED_CONFIGS / layout, name=t) for t in (name.replace("text_encoder", "tokenizer") for name in encoders)}
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),

@@ -3,6 +3,8 @@
     python benchmarks/bench_inference.py --device cuda        # or: python benchmarks/bench_cuda.py
     python benchmarks/bench_cuda.py --model latentdiff/default_model --device cpu --no-compile --steps 4 --train-steps 0
                                                                   # a quick check of the script itself, no GPU needed
+    python benchmarks/bench_cuda.py --family sdxl --size 1024 --batches 1 --no-compile --train-steps 0
+                                                                  # SDXL-size random fp16 weights at 1024²
 
 Inference: SD 1.5 architecture with random weights (built once, as bench_inference.py does), 512², DPM-Solver++(2M),
 20 steps, guidance 7.5, the same initial latents for every contender, batch 1 and 4. Contenders, one at a time in
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference import GUIDANCE, PROMPT, SEED, ensure_model, psnr  # noqa: E402
+from bench_inference import FAMILIES, GUIDANCE, PROMPT, SEED, ensure_model, psnr  # noqa: E402
 
 CONTENDERS = ("latentdiff", "diffusers_fp16", "diffusers_compile")
 LABELS = {"latentdiff": "latentdiff (defaults: fp16, CUDA graphs)", "diffusers_fp16": "diffusers fp16 eager (SDPA)",
@@ -64,17 +66,17 @@ def load(name: str, folder: Path, device):
                         progress=False).images
         return pipe, generate
 
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)  # SD or SDXL from model_index.json
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if name == "diffusers_compile":
         pipe.unet = torch.compile(pipe.unet)
 
     def generate(latents, size, steps):
-        images = pipe([PROMPT] * len(latents), negative_prompt=[""] * len(latents), height=size, width=size,
+        # no negative prompt: "" for SD 1.5, zeros for SDXL (force_zeros_for_empty_prompt), as latentdiff's default
+        images = pipe([PROMPT] * len(latents), height=size, width=size,
                       num_inference_steps=steps, guidance_scale=GUIDANCE, latents=latents.to(device, dtype),
                       output_type="np").images
         return (images * 255).round().astype("uint8")
@@ -235,13 +237,15 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: random SD 1.5 weights)")
+    ap.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: random weights of --family)")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15", help="the architecture of the random weights")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contender")
     ap.add_argument("--train-steps", type=int, default=20, help="0: skip the training comparison")
+    ap.add_argument("--no-cold-start", action="store_true", help="leave out the fresh-interpreter timings")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -250,16 +254,17 @@ def main(argv=None) -> None:
     import torch
 
     device = torch.device(args.device)
-    folder = args.model or ensure_model()
-    res = {"args": {"model": str(args.model or "SD 1.5 architecture, random weights"), "size": args.size,
+    folder = args.model or ensure_model(args.family, args.device)
+    res = {"args": {"model": str(args.model or f"{FAMILIES[args.family][3]}, random weights"), "size": args.size,
                     "steps": args.steps, "batches": args.batches, "repeats": args.repeats},
            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
     res["inference"] = inference(folder, device, args.size, args.steps, args.batches, args.repeats, not args.no_compile)
-    res["cold_start"] = cold_start(folder, device, args.size, args.steps)
+    if not args.no_cold_start:
+        res["cold_start"] = cold_start(folder, device, args.size, args.steps)
     if args.train_steps:
         res["training"] = training(folder, device, args.size, args.train_batch, args.train_steps)
-    stem = "cuda" if device.type == "cuda" else f"cuda_script_check_{device.type}"
+    stem = ("cuda" if device.type == "cuda" else f"cuda_script_check_{device.type}") + ("_sdxl" if args.family == "sdxl" else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(res))

@@ -1,11 +1,13 @@
-"""latentdiff vs diffusers' StableDiffusionPipeline on the same random SD 1.5 weights, side by side.
+"""latentdiff vs diffusers on the same random SD 1.5 (or SDXL) weights, side by side.
 
     python benchmarks/bench_inference.py [--sizes 256 512] [--steps 20] [--repeats N] [--out benchmarks/results]
+    python benchmarks/bench_inference.py --family sdxl --sizes 512 --steps 4 --repeats-512 2 --large 0
     python benchmarks/bench_inference.py --device cuda      # the GPU comparison: bench_cuda.py
 
 Every contender lives in its own worker process, so its peak RSS (ru_maxrss: load + generation) is its own;
 the parent alternates the contenders within each repeat, so background load hits all of them alike.
 All contenders start from the same initial latents, use DPM-Solver++(2M), the same steps and guidance.
+SDXL's contenders (fp32 SDXL is 14 GB a process) run one after the other instead, each alone in memory.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "benchmarks" / "cache" / "sd15-random"
+# family → (shipped config folder, cache folder, dtype the weights are stored in, description)
+FAMILIES = {"sd15": ("sd1", "sd15-random", "float32", "SD 1.5 architecture (UNet 860M, CLIP ViT-L/14)"),
+            "sdxl": ("sdxl", "sdxl-random-fp16", "float16",
+                     "SDXL base 1.0 architecture (UNet 2.6B, CLIP ViT-L + OpenCLIP ViT-bigG), fp16 weights")}
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset"
 SEED, GUIDANCE = 0, 7.5
 TIMED = ("latentdiff", "diffusers_fp32", "diffusers_bf16", "diffusers_tuned")
@@ -35,15 +40,21 @@ LABELS = {
 
 
 # ---------------------------------------------------------------- the model, built once
-def ensure_model(folder: Path = MODEL) -> Path:
-    """SD 1.5 architecture (UNet 860M, SD VAE, CLIP ViT-L/14 text encoder) with random weights under a fixed seed."""
-    if not (folder / "model_index.json").is_file():
-        import latentdiff
-        from latentdiff.pipeline import LatentDiffusionPipeline
+def ensure_model(family: str = "sd15", device: str = "cpu") -> Path:
+    """The family's published architecture with random weights under a fixed seed, saved once under
+    benchmarks/cache (random weights cost the same FLOPs as trained ones); built on `device`."""
+    import torch
 
-        print(f"building random SD 1.5 weights into {folder} (once)", flush=True)
-        config_dir = Path(latentdiff.__file__).parent / "configs" / "sd1"
-        LatentDiffusionPipeline.from_config(config_dir, seed=SEED).save_pretrained(folder)
+    import latentdiff
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    configs, name, dtype, what = FAMILIES[family]
+    folder = ROOT / "benchmarks" / "cache" / name
+    if not (folder / "model_index.json").is_file():
+        print(f"building random {what} weights into {folder} (once)", flush=True)
+        with torch.device(device):  # SDXL's 3.5B parameters initialise in seconds on a GPU
+            pipe = LatentDiffusionPipeline.from_config(Path(latentdiff.__file__).parent / "configs" / configs, seed=SEED)
+        pipe.to(dtype=getattr(torch, dtype)).save_pretrained(folder)  # cast first: no second fp32 copy in memory
     return folder
 
 
@@ -84,10 +95,10 @@ def _load(name: str, folder: Path):
                         latents=latents, sampler="dpmpp_2m", output_type="numpy", progress=False).images[0]
         return pipe, generate
 
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     dtype = torch.float32 if name == "diffusers_fp32" else torch.bfloat16
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)  # StableDiffusion(XL)Pipeline from model_index.json
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if name == "diffusers_tuned":
@@ -96,7 +107,8 @@ def _load(name: str, folder: Path):
         pipe.fuse_qkv_projections()
 
     def generate(latents, size, steps):
-        image = pipe(PROMPT, negative_prompt="", height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
+        # no negative prompt: "" for SD 1.5, zeros for SDXL (force_zeros_for_empty_prompt), as latentdiff's default
+        image = pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
                      latents=latents.to(dtype), output_type="np").images[0]  # float in [0, 1]
         return (image * 255).round().astype("uint8")
     return pipe, generate
@@ -162,21 +174,38 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def side_by_side(folder: Path, sizes: list[int], steps: int, repeats: dict[int, int]) -> dict:
-    # The fp32 reference first, alone, then its 4 GB go away before the timed contenders load.
+def side_by_side(folder: Path, sizes: list[int], steps: int, repeats: dict[int, int], contenders=TIMED,
+                 alternate: bool = True) -> dict:
+    """`alternate`: every contender's worker alive at once, taking turns in each repeat; else one after the other."""
+    # The fp32 reference first, alone, then its memory goes away before the timed contenders load.
     ref = Worker("latentdiff_fp32", folder)
     references = {size: ref.run(size, steps) for size in sizes}
     ref.close()
-    workers = [Worker(name, folder) for name in TIMED]
-    runs = {size: {name: [] for name in TIMED} for size in sizes}
-    for size in sizes:  # ascending, so ru_maxrss after a size is that size's peak
-        for r in range(repeats[size]):
-            for w in workers[r % len(workers):] + workers[: r % len(workers)]:  # rotate who goes first
-                runs[size][w.name].append(w.run(size, steps))
-                print(f"{size}px repeat {r + 1}/{repeats[size]} {w.name}: {runs[size][w.name][-1]['seconds']:.1f} s", flush=True)
-    for w in workers:
-        w.close()
-    results = {"load_s": {w.name: w.load_s for w in workers}, "sizes": {}}
+    runs = {size: {name: [] for name in contenders} for size in sizes}
+    load_s = {}
+
+    def run(w: Worker, size: int, r: int) -> None:
+        runs[size][w.name].append(w.run(size, steps))
+        print(f"{size}px repeat {r + 1}/{repeats[size]} {w.name}: {runs[size][w.name][-1]['seconds']:.1f} s", flush=True)
+
+    if alternate:
+        workers = [Worker(name, folder) for name in contenders]
+        for size in sizes:  # ascending, so ru_maxrss after a size is that size's peak
+            for r in range(repeats[size]):
+                for w in workers[r % len(workers):] + workers[: r % len(workers)]:  # rotate who goes first
+                    run(w, size, r)
+        for w in workers:
+            load_s[w.name] = w.load_s
+            w.close()
+    else:
+        for name in contenders:
+            w = Worker(name, folder)
+            for size in sizes:
+                for r in range(repeats[size]):
+                    run(w, size, r)
+            load_s[name] = w.load_s
+            w.close()
+    results = {"load_s": load_s, "sizes": {}}
     for size in sizes:
         rows = {}
         for name, rs in runs[size].items():
@@ -185,7 +214,7 @@ def side_by_side(folder: Path, sizes: list[int], steps: int, repeats: dict[int, 
             rows[name] |= {"first_seconds": rs[0]["seconds"], "all_seconds": [r["seconds"] for r in rs], "peak_rss_gb": rs[-1]["peak_rss_gb"],
                            "psnr_vs_latentdiff_fp32": psnr(rs[-1]["image"], references[size]["image"])}
         ld = rows["latentdiff"]["seconds"]
-        rows["latentdiff"]["speedup_vs"] = {name: rows[name]["seconds"] / ld for name in TIMED[1:]}
+        rows["latentdiff"]["speedup_vs"] = {name: rows[name]["seconds"] / ld for name in contenders[1:]}
         rows["latentdiff_fp32"] = {k: v for k, v in references[size].items() if k != "image"}
         results["sizes"][str(size)] = rows
     return results
@@ -221,13 +250,13 @@ def cold_start(folder: Path, steps: int) -> dict:
 def markdown(res: dict) -> str:
     a = res["args"]
     lines = [f"# Inference: latentdiff vs diffusers {res['versions']['diffusers']} (same weights)", "",
-             f"SD 1.5 architecture, random weights; DPM-Solver++(2M), {a['steps']} steps, guidance {GUIDANCE}, batch 1, "
-             f"same initial latents; {res['machine']}. Median of alternating repeats after each contender's first image, which is reported apart ({', '.join(f'{n} at {s}px' for s, n in a['repeats'].items())}); "
+             f"{FAMILIES[a['family']][3]}, random weights; DPM-Solver++(2M), {a['steps']} steps, guidance {GUIDANCE}, batch 1, "
+             f"same initial latents; {res['machine']}. Median of {'alternating ' if a['alternate'] else ''}repeats after each contender's first image, which is reported apart ({', '.join(f'{n} at {s}px' for s, n in a['repeats'].items())}); "
              "peak RSS = the contender's own worker process (load + generation).", ""]
     for size, rows in res["sizes"].items():
         lines += [f"## {size}×{size}", "", "| contender | s / image | first image s | UNet s / step | VAE decode s | text enc. s | peak RSS GB | PSNR vs latentdiff fp32 | latentdiff speed-up |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name in TIMED:
+        for name in a["contenders"]:
             r = rows[name]
             speedup = "—" if name == "latentdiff" else f"{rows['latentdiff']['speedup_vs'][name]:.2f}×"
             lines.append(f"| {LABELS[name]} | {r['seconds']:.2f} | {r['first_seconds']:.2f} | {r['unet_s_per_step']:.3f} | {r['vae_s']:.2f} | {r['text_s']:.2f} | "
@@ -249,6 +278,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="sd15", help="the architecture of the random weights")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=4, help="alternating repeats below 512 px; the first is reported apart")
@@ -267,22 +297,27 @@ def main(argv=None) -> None:
     import diffusers
     import torch
 
-    folder = ensure_model()
+    folder = ensure_model(args.family)
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(args.sizes)
     repeats = {s: (args.repeats_512 if s >= 512 else args.repeats) for s in sizes}
-    res = {"args": {"sizes": sizes, "steps": args.steps, "repeats": {str(s): n for s, n in repeats.items()}},
+    sd15 = args.family == "sd15"
+    contenders = TIMED if sd15 else TIMED[:3]  # SDXL: without the hand-tuned row, each contender costs minutes
+    res = {"args": {"family": args.family, "sizes": sizes, "steps": args.steps, "contenders": contenders,
+                    "alternate": sd15, "repeats": {str(s): n for s, n in repeats.items()}},
            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
            "machine": f"{os.cpu_count()} CPU threads, torch threads {torch.get_num_threads()}"}
-    res |= side_by_side(folder, sizes, args.steps, repeats)
+    res |= side_by_side(folder, sizes, args.steps, repeats, contenders, alternate=sd15)
     if args.large:
         res["large"] = large_image(folder, args.large, args.large_steps, args.out)
-    from latentdiff.pipeline import DEFAULT_MODEL
+    if sd15:  # the cold start is the shipped model's, whatever the family
+        from latentdiff.pipeline import DEFAULT_MODEL
 
-    cold_model = args.cold_start_model or (DEFAULT_MODEL if DEFAULT_MODEL.is_dir() else folder)
-    res["cold_start"] = cold_start(cold_model, args.steps)
-    (args.out / "inference.json").write_text(json.dumps(res, indent=2))
-    (args.out / "inference.md").write_text(markdown(res))
+        cold_model = args.cold_start_model or (DEFAULT_MODEL if DEFAULT_MODEL.is_dir() else folder)
+        res["cold_start"] = cold_start(cold_model, args.steps)
+    stem = "inference" if sd15 else f"inference_{args.family}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
 
 

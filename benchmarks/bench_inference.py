@@ -54,7 +54,7 @@ def ensure_model(family: str = "sd15", device: str = "cpu") -> Path:
         print(f"building random {what} weights into {folder} (once)", flush=True)
         with torch.device(device):  # SDXL's 3.5B parameters initialise in seconds on a GPU
             pipe = LatentDiffusionPipeline.from_config(Path(latentdiff.__file__).parent / "configs" / configs, seed=SEED)
-        pipe.to(dtype=getattr(torch, dtype)).save_pretrained(folder)  # cast first: no second fp32 copy in memory
+        pipe.to("cpu", getattr(torch, dtype)).save_pretrained(folder)  # cast first: no second fp32 copy in memory
     return folder
 
 

@@ -72,7 +72,6 @@ def test_denoiser_predicts_what_diffusers_unet_predicts(pipe, reference):
     from latentdiff.training.trainer import Denoiser, time_ids
 
     captions, originals, crops = ["a red circle on a blue background", ""], [(96, 64), (48, 40)], [(0, 16), (8, 0)]
-    ref = reference
     generator = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([999, 250])
 
@@ -81,11 +80,12 @@ def test_denoiser_predicts_what_diffusers_unet_predicts(pipe, reference):
     with torch.no_grad():
         ours = Denoiser(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)(x_t, t, ids, time_ids(batch, RESOLUTION))
 
-        context, _, pooled, _ = ref.encode_prompt(captions, do_classifier_free_guidance=False)
-        theirs_ids = torch.cat([ref._get_add_time_ids(o, c, (RESOLUTION, RESOLUTION), dtype=context.dtype,
-                                                      text_encoder_projection_dim=ref.text_encoder_2.config.projection_dim)
+        context, _, pooled, _ = reference.encode_prompt(captions, do_classifier_free_guidance=False)
+        projection = reference.text_encoder_2.config.projection_dim
+        theirs_ids = torch.cat([reference._get_add_time_ids(o, c, (RESOLUTION, RESOLUTION), dtype=context.dtype,
+                                                            text_encoder_projection_dim=projection)
                                 for o, c in zip(originals, crops)])
-        theirs = ref.unet(x_t, t, encoder_hidden_states=context,
+        theirs = reference.unet(x_t, t, encoder_hidden_states=context,
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": theirs_ids}).sample
     assert context.shape == (2, 77, 32 + 48)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -101,19 +101,20 @@ def test_items_carry_the_original_size_and_crop_diffusers_scripts_compute(tmp_pa
     path = noise_image(tmp_path / "wide.png", 98, 64, seed=0)
     items = [(path, "a wide image")]
 
+    centred = CaptionedImageDataset(items, RESOLUTION)[0]["pixel_values"]
+    images = CaptionedImageDataset(items, RESOLUTION, random_flip=True, seed=3)
+
     def seen(dataset) -> dict:
-        """{flipped: {(original_size, crop_top_left), …}} over 12 epochs."""
+        """{flipped: {(original_size, crop_top_left), …}} over 12 epochs; whether an epoch flips, from the pixels."""
         out = {False: set(), True: set()}
         for epoch in range(12):
             dataset.set_epoch(epoch)
+            images.set_epoch(epoch)
             item = dataset[0]
-            flipped = CaptionedImageDataset(items, RESOLUTION, random_flip=True, seed=3)
-            flipped.set_epoch(epoch)
-            out[not torch.equal(flipped[0]["pixel_values"], centred[0]["pixel_values"])].add(
+            out[not torch.equal(images[0]["pixel_values"], centred)].add(
                 (tuple(item["original_size"].tolist()), tuple(item["crop_top_left"].tolist())))
         return out
 
-    centred = CaptionedImageDataset(items, RESOLUTION)
     assert seen(CaptionedImageDataset(items, RESOLUTION, random_flip=True, seed=3)) == {
         False: {((64, 98), (0, 8))}, True: {((64, 98), (0, 9))}}
     cache = LatentCache(tmp_path / "cache", pipe.vae, RESOLUTION, random_flip=True)

@@ -117,14 +117,20 @@ class SDXLConditioner:
 
     def encode(self, prompts: list[str], clip_skip: int = 1) -> list[Condition]:
         """One Condition (context (77·k, 2048), text_embeds (P,)) per prompt; time ids come with `with_time_ids`."""
-        contexts, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            context, p = text.encode_prompts_sdxl(tokenizer, encoder, prompts, clip_skip)
-            contexts.append(context)
-            pooled = p if p is not None else pooled  # the last encoder with a projection: bigG
-        return [Condition(torch.cat(parts, dim=-1), pooled[i]) for i, parts in enumerate(zip(*contexts))]
+        outputs = [text.encode_prompts_sdxl(tokenizer, encoder, prompts, clip_skip)
+                   for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)]
+        return [Condition(*join_encoders([(contexts[i], None if pooled is None else pooled[i])
+                                          for contexts, pooled in outputs])) for i in range(len(prompts))]
 
     def with_time_ids(self, condition: Condition, time_ids: list[int]) -> Condition:
         """The condition with its (6,) time ids, in the context's dtype (as diffusers' _get_add_time_ids)."""
         ids = torch.tensor(time_ids, dtype=condition.context.dtype, device=condition.context.device)
         return dataclasses.replace(condition, time_ids=ids)
+
+
+def join_encoders(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's [(context (…, D_i), pooled or None) per encoder] → (the contexts side by side (…, ΣD_i): 768 + 1280 =
+    2048 wide, the pooled output of the last encoder with a projection: bigG's `text_embeds`). Inference and training
+    (the trainer's Denoiser, on `text.encode_sdxl` of each encoder) join them here."""
+    contexts, pooled = zip(*outputs)
+    return torch.cat(contexts, dim=-1), [p for p in pooled if p is not None][-1]

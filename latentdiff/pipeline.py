@@ -67,7 +67,7 @@ class LatentDiffusionPipeline:
                                             zero_empty_negative=force_zeros_for_empty_prompt)
                             if self.is_sdxl else CLIPConditioner(tokenizer, text_encoder))
         self.denoiser = EagerUNet(unet)  # ε(x_t, t, condition); optimize.py may swap in CUDA-graph replay
-        self.loras = Loras(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
+        self.loras = Loras(unet, self.named_text_encoders)
         self.embeddings = Embeddings({"text_encoder": (tokenizer, text_encoder),
                                       "text_encoder_2": (tokenizer_2, text_encoder_2)})
         self._hash: str | None = None
@@ -75,6 +75,12 @@ class LatentDiffusionPipeline:
     @property
     def text_encoders(self) -> tuple:
         return self.conditioner.text_encoders
+
+    @property
+    def named_text_encoders(self) -> dict:
+        """The text encoders by diffusers' component names, the prefixes LoRA files give them: "text_encoder"
+        (SDXL: + "text_encoder_2")."""
+        return dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
 
     def _not_for_sdxl(self, what: str) -> None:
         """One sentence for what this slice of SDXL support does not do yet."""

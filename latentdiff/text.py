@@ -148,23 +148,30 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
     return _weighted(hidden, chunked)
 
 
-def encode_prompts_sdxl(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1):
-    """SDXL's use of one of its two encoders: (contexts (77·k, D) per prompt, pooled (n, P) or None).
+def encode_sdxl(text_encoder, input_ids: torch.LongTensor, clip_skip: int = 1):
+    """SDXL's use of one of its two encoders on token ids: (context (N, 77, D), pooled (N, P) or None).
 
     The context is the hidden state `clip_skip` layers before the last one (1: the penultimate), without the final
-    layer norm (sgm's layer="penultimate"; diffusers' clip_skip = k − 1 reads hidden_states[−(k + 1)]), weighted as
-    in `encode_prompts`. `pooled` is a CLIPTextModelWithProjection's projected output (ViT-bigG's `text_embeds`) of
-    each prompt's first chunk (as A1111 takes it); None for an encoder without a projection.
+    layer norm (sgm's layer="penultimate"; diffusers' clip_skip = k − 1 reads hidden_states[−(k + 1)]). `pooled` is a
+    CLIPTextModelWithProjection's projected output (ViT-bigG's `text_embeds`); None for an encoder without one.
     """
     layers = text_encoder.config.num_hidden_layers
     if not 1 <= clip_skip < layers:
         raise ValueError(f"clip_skip must be between 1 and {layers - 1} for SDXL (its text encoder has {layers} "
                          f"layers), got {clip_skip}")
+    out = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+    return out.hidden_states[-(clip_skip + 1)], getattr(out, "text_embeds", None)
+
+
+def encode_prompts_sdxl(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1):
+    """`encode_sdxl` of prompts: (contexts (77·k, D) per prompt, weighted as in `encode_prompts`; pooled (n, P) of
+    each prompt's first chunk (as A1111 takes it), or None)."""
     chunked = [chunk_ids(tokenizer, p) for p in prompts]
-    out = text_encoder(torch.cat([ids for ids, _ in chunked]).to(text_encoder.device), output_hidden_states=True)
-    first = torch.tensor([0, *[len(ids) for ids, _ in chunked[:-1]]]).cumsum(0)  # each prompt's first chunk
-    pooled = out.text_embeds[first.to(out.text_embeds.device)] if hasattr(out, "text_embeds") else None
-    return _weighted(out.hidden_states[-(clip_skip + 1)], chunked), pooled
+    hidden, pooled = encode_sdxl(text_encoder, torch.cat([ids for ids, _ in chunked]), clip_skip)
+    if pooled is not None:
+        first = torch.tensor([0, *[len(ids) for ids, _ in chunked[:-1]]]).cumsum(0)  # each prompt's first chunk
+        pooled = pooled[first.to(pooled.device)]
+    return _weighted(hidden, chunked), pooled
 
 
 def _weighted(hidden: torch.Tensor, chunked) -> list[torch.Tensor]:

@@ -123,9 +123,9 @@ def test_lora_file_appears_whole_or_not_at_all(tmp_path, crash_before_rename):
     from latentdiff.training import lora
 
     unet, _, text_encoder, _ = tiny_components()
-    lora.add_lora(unet, text_encoder, rank=2)
+    lora.add_lora(unet, [text_encoder], rank=2)
     refused = crash_before_rename("*.safetensors")
-    run_crashing(lora.save_lora, tmp_path / "lora" / "pytorch_lora_weights.safetensors", unet, text_encoder)
+    run_crashing(lora.save_lora, tmp_path / "lora" / "pytorch_lora_weights.safetensors", unet, {"text_encoder": text_encoder})
     assert refused
     assert not list((tmp_path / "lora").rglob("*.safetensors"))
 

@@ -1,7 +1,6 @@
 """SDXL: loading (diffusers folders, sgm single files) and text to image, image-to-image and inpainting against
-diffusers' StableDiffusionXL(Img2Img/Inpaint)Pipeline, on a tiny random model of the SDXL architecture (diffusers' own test sizes: CLIP encoders of 5 layers, the second with
-a 32-wide projection; a UNet with the "text_time" added embedding). The second encoder is 48 wide, not 32: diffusers'
-from_single_file tells the two embedders apart by width and would load the first one's weights into both."""
+diffusers' StableDiffusionXL(Img2Img/Inpaint)Pipeline, on a tiny random model of the SDXL architecture
+(conftest.tiny_sdxl_components, the `sdxl_dir` fixture)."""
 import json
 
 import numpy as np
@@ -16,46 +15,6 @@ from latentdiff.pipeline import load_pipeline
 PROMPTS = ["a red circle on a blue background", "a green star"]
 SIZE = dict(height=32, width=32)
 TOLERANCE = 2 / 255
-
-
-def tiny_sdxl_components(seed: int = 0):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from latentdiff.text import build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + the pooled text's 32
-        cross_attention_dim=32 + 48, norm_num_groups=1,  # the two encoders' hidden states side by side
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=64, scaling_factor=0.13025,
-    )
-    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32, layer_norm_eps=1e-5)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "hidden_size": 48}))
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=build_clip_tokenizer(),
-                text_encoder_2=text_encoder_2.eval(), tokenizer_2=build_clip_tokenizer(pad_token="!"))
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    """A tiny SDXL folder written by diffusers' StableDiffusionXLPipeline (the layout real SDXL folders have)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from latentdiff.checkpoints.single_file import SHIPPED_CONFIGS
-
-    scheduler = EulerDiscreteScheduler.from_config(json.loads((SHIPPED_CONFIGS / "sdxl/scheduler/scheduler_config.json").read_text()))
-    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
-    StableDiffusionXLPipeline(**tiny_sdxl_components(), scheduler=scheduler).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -235,18 +194,9 @@ def test_from_config_builds_an_sdxl_pipeline_from_component_configs(tmp_path, pi
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe, sdxl_dir, tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from latentdiff.training.config import ConfigError
-    from latentdiff.training.trainer import load_model
-
+def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe):
     with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
         pipe(None, prompt_embeds=torch.zeros(1, 77, 80), num_inference_steps=1, progress=False)
-    monkeypatch.setattr("latentdiff.pipeline.load_pipeline", lambda *args, **kwargs: pipe)  # loaded already
-    with pytest.raises(ConfigError, match="is an SDXL model; training SDXL is not supported yet"):
-        load_model(SimpleNamespace(model=sdxl_dir, model_config=None, vae=None, prediction_type=None))
-
 
 
 def test_shipped_configs_are_sdxl_base_1_0():

@@ -47,7 +47,7 @@ _OTHER_FILES = (
     ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint: latentdiff runs SD 1.x/2.x and SDXL"),
     ("double_blocks.", "a Flux checkpoint: latentdiff runs SD 1.x/2.x and SDXL"),
     ("lora_unet_", "a LoRA file: apply it to a model with --lora or load_lora()"),
-    ("lora_te_", "a LoRA file: apply it to a model with --lora or load_lora()"),
+    ("lora_te", "a LoRA file: apply it to a model with --lora or load_lora()"),  # lora_te_, SDXL: lora_te1_/lora_te2_
     (".lora_A.", "a LoRA file: apply it to a model with --lora or load_lora()"),
     ("emb_params", "a textual-inversion embedding: use it with --embedding or load_embedding()"),
     ("string_to_param", "a textual-inversion embedding: use it with --embedding or load_embedding()"),
@@ -208,6 +208,11 @@ def _bigg_keymap(config) -> KeyMap:
     return openclip_keymap(config.num_hidden_layers, SDXL_OPENCLIP_PREFIX, projection=True)
 
 
+def model_family(text_encoder, text_encoder_2=None) -> str:
+    """"sdxl" (two text encoders), "sd2" (OpenCLIP ViT-H: gelu) or "sd1" (OpenAI CLIP: quick_gelu)."""
+    return "sdxl" if text_encoder_2 is not None else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+
+
 def save_single_file(path, unet, vae, text_encoder, *, text_encoder_2=None, dtype: torch.dtype | None = None,
                      schedule: ScheduleConfig | None = None) -> None:
     """Write the models as one original-layout .safetensors, with their configs in the header.
@@ -217,7 +222,7 @@ def save_single_file(path, unet, vae, text_encoder, *, text_encoder_2=None, dtyp
     encoder is written in the SD 2.x OpenCLIP layout when it uses gelu (OpenCLIP ViT-H), else in the SD 1.x layout
     (OpenAI CLIP, quick_gelu). An SD 2.x encoder is written with the layers it has.
     """
-    layout = "sdxl" if text_encoder_2 is not None else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    layout = model_family(text_encoder, text_encoder_2)
     state_dict = {
         **unet_keymap(unet.config).to_original(unet.state_dict()),
         **vae_keymap(vae.config).to_original(vae.state_dict()),

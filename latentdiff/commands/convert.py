@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 DTYPES = ("fp16", "bf16", "fp32")
-LORA_MARKS = ("lora_unet_", "lora_te_", ".lora_A.", ".lora_down.", ".lora.down.")
+LORA_MARKS = ("lora_unet_", "lora_te", ".lora_A.", ".lora_down.", ".lora.down.")  # lora_te_, SDXL's lora_te1_/2_
 
 
 def _torch_dtype(name: str | None):
@@ -54,6 +54,15 @@ def file_to_folder(src: Path, dst: Path, dtype, ema: bool) -> str:
     return "a diffusers folder" + (" (EMA UNet)" if ema else "")
 
 
+def _lora_family(layers: dict) -> str:
+    """The base model a diffusers-layout LoRA is for, from its layers: SDXL with adapters on bigG (text_encoder_2) or
+    a 2048-wide cross-attention context, SD 2.x with a 1024-wide one (OpenCLIP ViT-H), else SD 1.x."""
+    if any(k.startswith("text_encoder_2.") for k in layers):
+        return "sdxl"
+    widths = {v.shape[1] for k, v in layers.items() if k.startswith("unet.") and ".attn2.to_k.lora_A." in k}
+    return "sdxl" if 2048 in widths else "sd2" if 1024 in widths else "sd1"
+
+
 def convert_lora(src: Path, dst: Path, dtype) -> str:
     """A diffusers/peft-layout LoRA (latentdiff's training output) → kohya's layout, α per component kept."""
     from diffusers import StableDiffusionPipeline
@@ -66,7 +75,7 @@ def convert_lora(src: Path, dst: Path, dtype) -> str:
     ranks = {k.split(".")[0]: v.shape[0] for k, v in layers.items() if k.endswith("lora_A.weight")}
     # the LoraConfig travels in the metadata (keys prefixed by component); without it peft's α is the rank
     alpha = {name: (metadata or {}).get(f"{name}.lora_alpha", rank) for name, rank in ranks.items()}
-    save_kohya_lora(dst, layers, alpha, rank=ranks.get("unet", next(iter(ranks.values()))))
+    save_kohya_lora(dst, layers, alpha, rank=ranks.get("unet", next(iter(ranks.values()))), family=_lora_family(layers))
     return "a kohya-layout LoRA"
 
 
@@ -96,7 +105,7 @@ def check(args) -> str:
     except CheckpointError as e:
         raise UsageError(str(e).rstrip(".")) from None
     if _is_lora(state):
-        if any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
+        if any(k.startswith(("lora_unet_", "lora_te")) for k in state):
             raise UsageError(f"{src} is already in kohya's layout, which A1111, ComfyUI, diffusers and latentdiff "
                              "all load as it is")
         if dst.suffix.lower() != ".safetensors":

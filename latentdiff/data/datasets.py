@@ -120,8 +120,30 @@ def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Image -> (3, resolution, resolution) float tensor in [-1, 1].
+def place_square(original_size: tuple[int, int], resolution: int, rng: np.random.Generator | None = None):
+    """Where the training square lies: ((height, width) of the image resized so its shorter side is `resolution`,
+    (top, left) of the square in it), centred, or drawn from `rng` (left, then top)."""
+    height, width = original_size
+    scale = resolution / min(height, width)
+    resized = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    slack_y, slack_x = resized[0] - resolution, resized[1] - resolution
+    if rng is None:
+        return resized, (slack_y // 2, slack_x // 2)
+    left = int(rng.integers(slack_x + 1))  # left first: the order every earlier run drew them in
+    top = int(rng.integers(slack_y + 1))
+    return resized, (top, left)
+
+
+def crop_top_left(resized: tuple[int, int], crop: tuple[int, int], resolution: int, flip: bool) -> tuple[int, int]:
+    """SDXL's crops_coords_top_left (Podell et al. 2023, sec. 2.2) for a square `place_square` placed: its (top, left)
+    in the resized image, in the mirrored one when flipped (left = width − left − resolution, as kohya's sd-scripts
+    count it; diffusers' SDXL scripts flip before cropping, which gives the same)."""
+    top, left = crop
+    return (top, resized[1] - left - resolution) if flip else (top, left)
+
+
+def load_image(path, resolution: int, *, flip=False, rng: np.random.Generator | None = None):
+    """(pixels (3, resolution, resolution) in [-1, 1], original (height, width), crop_top_left as `crop_top_left`).
 
     Shorter side resized to `resolution` (LANCZOS), then a center crop, or a random one drawn from
     `rng`. Raises OSError/ValueError for unreadable or truncated files (PIL's
@@ -130,19 +152,19 @@ def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator |
     with Image.open(path) as image:
         image.load()
         image = to_rgb(image)
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    slack_x, slack_y = image.width - resolution, image.height - resolution
-    if rng is None:
-        left, top = slack_x // 2, slack_y // 2
-    else:
-        left, top = int(rng.integers(slack_x + 1)), int(rng.integers(slack_y + 1))
+    original = (image.height, image.width)
+    resized, (top, left) = place_square(original, resolution, rng)
+    image = image.resize(resized[::-1], Image.Resampling.LANCZOS)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    return pixels.float() / 127.5 - 1.0
+    return pixels.float() / 127.5 - 1.0, original, crop_top_left(resized, (top, left), resolution, flip)
+
+
+def load_pixels(path, resolution: int, *, flip=False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """The pixels of `load_image`."""
+    return load_image(path, resolution, flip=flip, rng=rng)[0]
 
 
 # What PIL raises for a corrupt, truncated or vanished file.
@@ -181,7 +203,8 @@ class EpochDataset(torch.utils.data.Dataset):
 
 
 class CaptionedImageDataset(EpochDataset):
-    """Resized, cropped, optionally flipped images with their captions: {"pixel_values", "text", "index"}."""
+    """Resized, cropped, optionally flipped images with their captions: {"pixel_values", "text", "index"} and the
+    sizes SDXL is conditioned on, {"original_size", "crop_top_left"}."""
 
     def __init__(self, items, resolution: int, *, center_crop=True, random_flip=False, seed=0):
         super().__init__(items, seed)
@@ -194,11 +217,16 @@ class CaptionedImageDataset(EpochDataset):
         rng = augmentation_rng(self.seed, self.epoch, i)
         flip = self.random_flip and rng.random() < 0.5
         try:
-            pixels = load_pixels(path, self.resolution, flip=flip, rng=None if self.center_crop else rng)
+            pixels, original, crop = load_image(path, self.resolution, flip=flip, rng=None if self.center_crop else rng)
         except UNREADABLE as err:
             self._skip(path, "skipping unreadable image", err)
             return None
-        return {"pixel_values": pixels, "text": text, "index": i}
+        return {"pixel_values": pixels, "text": text, "index": i, **size_conditioning(original, crop)}
+
+
+def size_conditioning(original: tuple[int, int], crop: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """An item's SDXL micro-conditioning: "original_size" (height, width), "crop_top_left" (top, left)."""
+    return {"original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop)}
 
 
 def collate_skip_none(batch):
@@ -207,7 +235,7 @@ def collate_skip_none(batch):
     if not batch:
         return None
     collated = {"text": [b["text"] for b in batch], "index": [b["index"] for b in batch]}
-    for key in ("pixel_values", "latent_dist"):
+    for key in ("pixel_values", "latent_dist", "original_size", "crop_top_left"):
         if key in batch[0]:
             collated[key] = torch.stack([b[key] for b in batch])
     return collated

@@ -2,7 +2,8 @@
 
 An entry is a safetensors file holding the posterior parameters (mean and log-variance stacked on
 the channel axis, as diffusers' DiagonalGaussianDistribution stores them), so training can still
-sample the posterior instead of always using its mean (latentdiff.vae.to_latents). The file name is the sha256 of everything
+sample the posterior instead of always using its mean (latentdiff.vae.to_latents), and the image's
+original size, which SDXL is conditioned on. The file name is the sha256 of everything
 that shapes the result: the image bytes, the VAE (weights and config), the resolution, the crop
 and flip modes. A changed image or VAE therefore misses, and stale files are simply never read.
 """
@@ -21,9 +22,12 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_write_bytes
 from ..vae import posterior
-from .datasets import UNREADABLE, EpochDataset, augmentation_rng, load_pixels
+from .datasets import (UNREADABLE, EpochDataset, augmentation_rng, crop_top_left, load_image, place_square,
+                       size_conditioning)
 
 logger = logging.getLogger(__name__)
+
+ENTRY_LAYOUT = 2  # 2: entries hold "original_size"; the names of layout-1 entries differ, so they are never read
 
 
 def vae_fingerprint(vae) -> str:
@@ -49,7 +53,7 @@ class LatentCache:
         self.vae = vae
         self.resolution = resolution
         self.random_flip = random_flip
-        self._settings = f"{vae_fingerprint(vae)}|res={resolution}|crop=center|flip={random_flip}"
+        self._settings = f"{vae_fingerprint(vae)}|res={resolution}|crop=center|flip={random_flip}|entry={ENTRY_LAYOUT}"
         self._keys: dict[Path, str] = {}
 
     def path_for(self, image_path) -> Path:
@@ -63,7 +67,12 @@ class LatentCache:
         return self.cache_dir / f"{self._keys[image_path]}.safetensors"
 
     def load(self, image_path, flip: bool = False) -> torch.Tensor:
-        return load_file(self.path_for(image_path))["flipped" if flip else "params"]
+        """The posterior parameters (2C, h, w) of the image, or of its mirror image."""
+        return self.entry(image_path)["flipped" if flip else "params"]
+
+    def entry(self, image_path) -> dict[str, torch.Tensor]:
+        """Everything stored for the image: "params", "flipped" (with random_flip), "original_size" (height, width)."""
+        return load_file(self.path_for(image_path))
 
     def _missing(self, items) -> list[Path]:
         missing = []
@@ -86,11 +95,13 @@ class LatentCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         encoded = 0
         for start in tqdm(range(0, len(missing), batch_size), disable=not progress, desc="caching latents"):
-            paths, pixels = [], []
+            paths, pixels, originals = [], [], []
             for path in missing[start:start + batch_size]:
                 try:
-                    pixels.append(load_pixels(path, self.resolution))
+                    x, original, _ = load_image(path, self.resolution)
                     paths.append(path)
+                    pixels.append(x)
+                    originals.append(original)
                 except UNREADABLE as err:
                     logger.warning("skipping unreadable image %s (%s)", path, err)
             if not paths:
@@ -100,7 +111,7 @@ class LatentCache:
                 x = torch.cat([x, x.flip(-1)])
             params = posterior(self.vae, x).cpu()  # (B or 2B, 2C, h, w)
             for i, path in enumerate(paths):
-                tensors = {"params": params[i].contiguous()}
+                tensors = {"params": params[i].contiguous(), "original_size": torch.tensor(originals[i])}
                 if self.random_flip:
                     tensors["flipped"] = params[len(paths) + i].contiguous()
                 atomic_write_bytes(self.path_for(path), save(tensors))
@@ -109,7 +120,8 @@ class LatentCache:
 
 
 class CachedLatentDataset(EpochDataset):
-    """CaptionedImageDataset's twin over cached posteriors: {"latent_dist", "text", "index"}.
+    """CaptionedImageDataset's twin over cached posteriors: {"latent_dist", "text", "index", "original_size",
+    "crop_top_left"}.
 
     The flip is drawn exactly as the image dataset draws it, so switching caching on does not change
     which samples are mirrored. Images without an entry yield None and are counted in `skipped`.
@@ -123,8 +135,11 @@ class CachedLatentDataset(EpochDataset):
         path, text = self.items[i]
         flip = self.cache.random_flip and augmentation_rng(self.seed, self.epoch, i).random() < 0.5
         try:
-            params = self.cache.load(path, flip)
+            entry = self.cache.entry(path)
+            params, original = entry["flipped" if flip else "params"], tuple(entry["original_size"].tolist())
         except (OSError, KeyError, SafetensorError) as err:
             self._skip(path, "no cached latents for", err)
             return None
-        return {"latent_dist": params, "text": text, "index": i}
+        resized, crop = place_square(original, self.cache.resolution)  # the centred square the entry was encoded from
+        crop = crop_top_left(resized, crop, self.cache.resolution, flip)
+        return {"latent_dist": params, "text": text, "index": i, **size_conditioning(original, crop)}

@@ -110,10 +110,10 @@ class TrainConfig(RunConfig):
     noise_offset: float = 0.0  # Guttenberg 2023; ~0.05 helps very dark/bright images
     caption_dropout: float = 0.1  # the rate captions become "" so the model learns the CFG unconditional
     # what is trained
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # SDXL: both text encoders
     lora_rank: int = 0  # 0 = full fine-tune
     lora_alpha: float | None = None  # None = rank (scale 1)
-    lora_text_encoder: bool = False
+    lora_text_encoder: bool = False  # adapters on the text encoder too (SDXL: on both)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 = no EMA; the saved model holds the EMA weights when on
     cache_latents: bool = True  # encode every image once with the VAE; training skips the encoder

@@ -3,6 +3,10 @@
     image ─VAE enc (or latent cache)─> x_0 · scaling_factor ──┐  t ~ U{0..T−1}, ε ~ N(0, I)
     caption ─(dropout → "")─> ids ─text encoder─> context ────┤  x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
                                                                 └─> UNet(x_t, t, context) ≈ ε or v
+
+SDXL (Podell et al. 2023) trains the same way, conditioned as inference conditions it (conditioning.py): both
+encoders' penultimate hidden states, bigG's pooled projection, and time ids from each image's original size and
+crop (the dataset's `original_size`, `crop_top_left`) with the training resolution as target size.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from latentdiff import text
+from latentdiff.conditioning import Condition, SizeConditioning, join_encoders
 from latentdiff.config import DEFAULTS
 from latentdiff.data import (CachedLatentDataset, CaptionedImageDataset, LatentCache, collate_skip_none,
                              scan_captioned_images)
@@ -35,15 +40,39 @@ logger = logging.getLogger(__name__)
 
 
 class Denoiser(nn.Module):
-    """Text encoder + UNet as one module: one DDP wrapper, one accumulate context, one checkpointed model."""
+    """Text encoder(s) + UNet as one module: one DDP wrapper, one accumulate context, one checkpointed model."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, unet, text_encoder, text_encoder_2=None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        # None (SD 1.x/2.x) registers no submodule: their checkpoints keep their keys
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
 
-    def forward(self, x_t, t, input_ids):  # (B, C, h, w), (B,), (B, 77) → (B, C, h, w)
-        context = text.encode(self.text_encoder, input_ids)  # (B, 77, D)
-        return self.unet(x_t, t, encoder_hidden_states=context).sample
+    def forward(self, x_t, t, input_ids, time_ids=None):
+        # (B, C, h, w), (B,), [(B, 77) per text encoder], SDXL's (B, 6) → (B, C, h, w)
+        return self.unet(x_t, t, **self.condition(input_ids, time_ids).unet_kwargs()).sample
+
+    def condition(self, input_ids, time_ids) -> Condition:
+        """What inference makes of a one-chunk prompt: SD 1.x/2.x the context (B, 77, D); SDXL both encoders'
+        penultimate hidden states side by side (B, 77, 2048), bigG's pooled projection, and the time ids."""
+        if self.text_encoder_2 is None:
+            return Condition(text.encode(self.text_encoder, input_ids[0]))
+        encoders = (self.text_encoder, self.text_encoder_2)
+        return Condition(*join_encoders([text.encode_sdxl(e, ids) for e, ids in zip(encoders, input_ids)]), time_ids)
+
+
+def past_the_context(text_encoder) -> list[nn.Module]:
+    """SDXL's CLIP-L after the penultimate hidden state the context is read from (its last layer and final layer
+    norm): they never reach the loss, so they get no gradient, which DDP would wait for."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return [inner.encoder.layers[-1], inner.final_layer_norm]
+
+
+def time_ids(batch, resolution: int) -> torch.Tensor:
+    """SDXL's (B, 6) time ids of a batch, as diffusers' SDXL training scripts make them: each image's original size
+    (height, width) and crop (top, left), then the target size (resolution, resolution)."""
+    target = (resolution, resolution)
+    return torch.tensor([SizeConditioning(tuple(o), tuple(c), target).time_ids(*target)[0]
+                         for o, c in zip(batch["original_size"].tolist(), batch["crop_top_left"].tolist())])
 
 
 def load_model(config: TrainConfig):
@@ -62,8 +91,6 @@ def load_model(config: TrainConfig):
             pipe.vae = AutoencoderKL.from_pretrained(config.vae)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load the model from {source}: {str(e).rstrip('.')}.") from None
-    if pipe.is_sdxl:
-        raise ConfigError(f"{source} is an SDXL model; training SDXL is not supported yet (it runs inference).")
     if config.prediction_type is not None:
         pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type=config.prediction_type)
     return pipe
@@ -92,20 +119,26 @@ def train(config: TrainConfig) -> Path:
     resume_from = resolve_resume(config)
     device = accelerator.device
 
-    # 2. Models: what is trained gets gradients; the VAE is always frozen
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    for m in (unet, vae, text_encoder):
+    # 2. Models: what is trained gets gradients; the VAE is always frozen. Text encoders: SDXL's two, both trained
+    unet, vae, text_encoders = pipe.unet, pipe.vae, pipe.named_text_encoders
+    for m in (unet, vae, *text_encoders.values()):
         m.requires_grad_(False).eval()
     if config.lora_rank:
-        lora.add_lora(unet, text_encoder if config.lora_text_encoder else None, config.lora_rank, config.lora_alpha)
+        lora.add_lora(unet, text_encoders.values() if config.lora_text_encoder else [], config.lora_rank, config.lora_alpha,
+                      seed=config.seed)
     else:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(config.train_text_encoder)
+        for encoder in text_encoders.values():
+            encoder.requires_grad_(config.train_text_encoder)
+    if pipe.is_sdxl:
+        for m in past_the_context(pipe.text_encoder):
+            m.requires_grad_(False)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder or config.lora_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    model = Denoiser(unet, text_encoder).train()
+            for encoder in text_encoders.values():
+                encoder.gradient_checkpointing_enable()
+    model = Denoiser(unet, *text_encoders.values()).train()
     vae.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -144,8 +177,9 @@ def train(config: TrainConfig) -> Path:
         noise = offset_noise(tuple(x0.shape), config.noise_offset, gen).to(device)
         t = torch.randint(0, T, (x0.shape[0],), generator=gen).to(device)
         x_t = schedules.add_noise(x0, noise, t, alphas_cumprod)
-        ids = text.tokenize(pipe.tokenizer, drop_captions(batch["text"], config.caption_dropout, gen)).to(device)
-        pred = model(x_t, t, ids)
+        captions = drop_captions(batch["text"], config.caption_dropout, gen)  # "" encoded as any caption (diffusers)
+        ids = [text.tokenize(tokenizer, captions).to(device) for tokenizer in pipe.conditioner.tokenizers]
+        pred = model(x_t, t, ids, time_ids(batch, config.resolution).to(device) if pipe.is_sdxl else None)
         return diffusion_loss(pred, x0, noise, t, alphas_cumprod, pipe.schedule.prediction_type, config.snr_gamma)
 
     def validate(step: int) -> None:
@@ -170,6 +204,7 @@ def train(config: TrainConfig) -> Path:
 
     # 6. Save: the EMA weights when kept, as a diffusers folder (or a LoRA file); never NaN weights
     out = out_dir / ("pytorch_lora_weights.safetensors" if config.lora_rank else "model")
+    lora_encoders = text_encoders if config.lora_text_encoder else {}
 
     def save() -> None:
         if not accelerator.is_main_process:
@@ -180,19 +215,22 @@ def train(config: TrainConfig) -> Path:
         validate(config.max_steps)
         with writing(out, "save the model to"):
             if config.lora_rank:
-                lora.save_lora(out, unet, text_encoder if config.lora_text_encoder else None)
+                lora.save_lora(out, unet, lora_encoders)
             else:
                 pipe.save_pretrained(out)
         if config.export_single_file and config.lora_rank:  # the LoRA's "single file": kohya's layout
+            from latentdiff.checkpoints.single_file import model_family
+
             single = out_dir / "lora.safetensors"
             with writing(single, "save the LoRA to"):
-                lora.save_kohya(single, unet, text_encoder if config.lora_text_encoder else None)
+                lora.save_kohya(single, unet, lora_encoders, model_family(*pipe.text_encoders))
         elif config.export_single_file:
             from latentdiff.checkpoints import save_single_file
 
             single = out_dir / "model.safetensors"
             with writing(single, "save the model to"):
-                save_single_file(single, unet, vae, text_encoder, schedule=pipe.schedule)
+                save_single_file(single, unet, vae, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+                                 schedule=pipe.schedule)
         summary(config, items, missing, out)
 
     together(accelerator, save)

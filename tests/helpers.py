@@ -1,4 +1,8 @@
 """Small helpers shared by several test files."""
+import contextlib
+import resource
+import signal
+
 from latentdiff.data.shapes import parse_caption  # noqa: F401  (re-exported for the tests)
 
 
@@ -67,3 +71,17 @@ def start_server(settings):
         thread.join()
 
     return SimpleNamespace(url=f"http://{settings.host}:{settings.port}", app=app, stop=stop)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Inside the block, a write past `limit` bytes fails with EFBIG (SIGXFSZ ignored), as on a full disk; in this
+    process, so the code under test runs without a subprocess's imports."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

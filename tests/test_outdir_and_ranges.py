@@ -4,13 +4,13 @@ import json
 import math
 import re
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import file_size_limit
 
 from latentdiff.commands.generate import main
 from latentdiff.commands.outdir import MANIFEST, read_manifest
@@ -101,22 +101,12 @@ def test_values_beyond_their_real_bounds_are_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def _file_size_limit(limit):
-    def set_limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return set_limit
-
-
-@pytest.mark.slow
-def test_a_full_disk_is_one_sentence_with_the_path_and_leaves_no_temporaries(tiny_model_dir, tmp_path):
+def test_a_full_disk_is_one_sentence_with_the_path_and_leaves_no_temporaries(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    script = ROOT / "scripts" / "txt2img.py"
-    res = subprocess.run([sys.executable, str(script), "--prompt", "a cat", "--model", str(tiny_model_dir), "--outdir", str(out),
-                          "--steps", "2", "--precision", "fp32", "--no-progress"],
-                         env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(300))
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 1, res.stderr[-2000:]
+    with file_size_limit(300):
+        rc = generate(tiny_model_dir, out, "--prompt", "a cat")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, lines[-5:]
     assert re.fullmatch(rf"txt2img.py: error: cannot write {out}/(jobs.jsonl|samples/00000.png): File too large", lines[-1])
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 

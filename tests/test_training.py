@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import file_size_limit
+
 from latentdiff.commands.train import main, vae_main
 from latentdiff.training.config import ConfigError, TrainConfig, parse_config
 
@@ -772,28 +774,20 @@ def test_checkpoints_hold_no_pickles_and_crafted_ones_never_run(shapes, tiny_con
 
 
 @pytest.mark.parametrize("action", ["checkpoint", "model"])
-@pytest.mark.slow
-def test_full_disk_is_one_sentence_and_leaves_no_temporaries(shapes, tiny_config, tiny_vae, tmp_path, action):
+def test_full_disk_is_one_sentence_and_leaves_no_temporaries(shapes, tiny_config, tiny_vae, tmp_path, capsys, action):
     """A 1 MB file-size limit (SIGXFSZ ignored, so writes fail with EFBIG as on a full disk): the checkpoint (9.6 MB)
     or the model (UNet 3.2 MB) cannot be written; exit 1 with one sentence, no .tmp left, and a later run cleans up."""
-    import resource
-    import signal
-    import subprocess
-    import sys
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
     out = tmp_path / "run"
     args = unet_args(shapes, tiny_config, tiny_vae, out, "--max-steps", "2",
                      "--checkpoint-every", "2" if action == "checkpoint" else "0")
-    res = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *args], capture_output=True, text=True,
-                         timeout=300, env=subprocess_env(), preexec_fn=limit_file_size)
+    capsys.readouterr()
+    with file_size_limit(1 << 20):
+        rc = main(args)
+    err = capsys.readouterr().err
     target = {"checkpoint": f"save checkpoint {out / 'checkpoints' / 'ckpt-000002'}", "model": f"save the model to {out / 'model'}"}
-    assert res.returncode == 1, res.stderr[-3000:]
-    assert res.stderr.splitlines()[-1] == f"error: cannot {target[action]}: file too large.", res.stderr[-3000:]
-    assert "Traceback" not in res.stderr
+    assert rc == 1, err[-3000:]
+    assert err.splitlines()[-1] == f"error: cannot {target[action]}: file too large.", err[-3000:]
+    assert "Traceback" not in err
     assert not (out / "model").exists() and not leftovers(out)
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 

@@ -255,7 +255,7 @@ def main(argv=None) -> None:
 
     device = torch.device(args.device)
     folder = args.model or ensure_model(args.family, args.device)
-    res = {"args": {"model": str(args.model or f"{FAMILIES[args.family][3]}, random weights"), "size": args.size,
+    res = {"args": {"model": str(args.model or f"{FAMILIES[args.family][3]}, random {FAMILIES[args.family][2]} weights"), "size": args.size,
                     "steps": args.steps, "batches": args.batches, "repeats": args.repeats},
            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}

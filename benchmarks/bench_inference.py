@@ -27,8 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 # family → (shipped config folder, cache folder, dtype the weights are stored in, description)
 FAMILIES = {"sd15": ("sd1", "sd15-random", "float32", "SD 1.5 architecture (UNet 860M, CLIP ViT-L/14)"),
-            "sdxl": ("sdxl", "sdxl-random-fp16", "float16",
-                     "SDXL base 1.0 architecture (UNet 2.6B, CLIP ViT-L + OpenCLIP ViT-bigG), fp16 weights")}
+            "sdxl": ("sdxl", "sdxl-random-fp16", "float16", "SDXL base 1.0 architecture (UNet 2.6B, CLIP ViT-L + OpenCLIP ViT-bigG)")}
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset"
 SEED, GUIDANCE = 0, 7.5
 TIMED = ("latentdiff", "diffusers_fp32", "diffusers_bf16", "diffusers_tuned")
@@ -250,7 +249,7 @@ def cold_start(folder: Path, steps: int) -> dict:
 def markdown(res: dict) -> str:
     a = res["args"]
     lines = [f"# Inference: latentdiff vs diffusers {res['versions']['diffusers']} (same weights)", "",
-             f"{FAMILIES[a['family']][3]}, random weights; DPM-Solver++(2M), {a['steps']} steps, guidance {GUIDANCE}, batch 1, "
+             f"{FAMILIES[a['family']][3]}, random {FAMILIES[a['family']][2]} weights; DPM-Solver++(2M), {a['steps']} steps, guidance {GUIDANCE}, batch 1, "
              f"same initial latents; {res['machine']}. Median of {'alternating ' if a['alternate'] else ''}repeats after each contender's first image, which is reported apart ({', '.join(f'{n} at {s}px' for s, n in a['repeats'].items())}); "
              "peak RSS = the contender's own worker process (load + generation).", ""]
     for size, rows in res["sizes"].items():

@@ -144,3 +144,13 @@ def server(serve_folders):
                                 ui=importlib.util.find_spec("gradio") is not None))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): tiny models gain nothing
+    from more, and on a shared 2-core box they lose 5-10x to oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from latentdiff.pipeline import load_pipeline
 RESOLUTION = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads (test_training's reason)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train on one thread
 
 
 def noise_image(path, width: int, height: int, seed: int):

@@ -236,6 +236,10 @@ def test_batch_script_runs_sdxl_at_its_native_size(sdxl_dir, pipe, tmp_path):
     assert (params.model, params.width, params.height, params.seed) == ("tiny-sdxl", 64, 64, 7)
     image = pipe("a red circle", seed=7, num_inference_steps=2, output_type="numpy", progress=False).images[0]
     assert abs(np.asarray(Image.open(png)).astype(int) - image).max() <= 1
+    # --from-png replays it from its parameters alone, bit for bit
+    assert main(["--from-png", png, "--model", sdxl_dir, "--outdir", tmp_path / "replay", "--no-progress", "--skip-grid"]) == 0
+    (replay,) = (tmp_path / "replay" / "samples").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(replay)), np.asarray(Image.open(png)))
 
 
 def test_graph_replay_wrapper_carries_the_added_conditioning(pipe):

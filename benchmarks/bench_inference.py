@@ -301,7 +301,7 @@ def main(argv=None) -> None:
     sizes = sorted(args.sizes)
     repeats = {s: (args.repeats_512 if s >= 512 else args.repeats) for s in sizes}
     sd15 = args.family == "sd15"
-    contenders = TIMED if sd15 else TIMED[:3]  # SDXL: without the hand-tuned row, each contender costs minutes
+    contenders = TIMED if sd15 else TIMED[:2]  # SDXL: diffusers' default alone; each contender costs minutes
     res = {"args": {"family": args.family, "sizes": sizes, "steps": args.steps, "contenders": contenders,
                     "alternate": sd15, "repeats": {str(s): n for s, n in repeats.items()}},
            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},

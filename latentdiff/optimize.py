@@ -204,22 +204,35 @@ def use_prepacked_weights(*models: torch.nn.Module) -> int:
     """Turn every plain nn.Conv2d/nn.Linear of CPU models with a oneDNN-native dtype into its prepacked twin.
 
     The class swap keeps parameters, state_dict keys and `isinstance` (peft's LoRA wraps them as usual); returns
-    how many layers were swapped.
+    how many layers were swapped. The packed copies double those weights' memory, so nothing is swapped (one
+    warning) when they would take more than half the memory available: SDXL's UNet in float32 is 10 GB.
     """
     if not torch.backends.mkldnn.is_available():
         return 0
     dtypes = {torch.float32} | ({torch.bfloat16} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
     twins = {nn.Conv2d: PrepackedConv2d, nn.Linear: PrepackedLinear}
-    swapped = 0
-    for model in models:
-        for m in model.modules():
-            if type(m) not in twins or m.weight.device.type != "cpu" or m.weight.dtype not in dtypes:
-                continue
-            if type(m) is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-                continue  # padding the oneDNN op cannot express
-            m.__class__ = twins[type(m)]
-            swapped += 1
-    return swapped
+    layers = [m for model in models for m in model.modules()
+              if type(m) in twins and m.weight.device.type == "cpu" and m.weight.dtype in dtypes
+              # padding the oneDNN op cannot express
+              and not (type(m) is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)))]
+    need, available = sum(m.weight.nbytes for m in layers), available_memory()
+    if available is not None and need > available // 2:
+        logger.warning("weights not prepacked for oneDNN: the packed copy (%.1f GB) would take more than half of the "
+                       "%.1f GB of memory available; generation runs, a little slower", need / 2**30, available / 2**30)
+        return 0
+    for m in layers:
+        m.__class__ = twins[type(m)]
+    return len(layers)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable); None where /proc/meminfo has none."""
+    try:
+        with open("/proc/meminfo") as f:
+            line = next((line for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+    return None if line is None else int(line.split()[1]) * 1024  # kB
 
 
 def _is_plain(attn) -> bool:

@@ -121,6 +121,22 @@ def test_prepacked_layers_keep_autograd():
     torch.testing.assert_close(packed.weight.grad, conv.weight.grad)
 
 
+@needs_onednn
+def test_weights_are_not_prepacked_when_the_copy_would_not_fit(monkeypatch, caplog):
+    """The packed copy doubles the weights (10 GB more for SDXL's UNet in float32): over half the available memory,
+    the layers stay plain and one warning says why; within it, they are swapped."""
+    import latentdiff.optimize as optimize
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 8))  # 4 × (8·4·9 + 8·8) = 1408 bytes of weights
+    assert optimize.available_memory() > 2**20  # this machine's /proc/meminfo is read
+    monkeypatch.setattr(optimize, "available_memory", lambda: 2 * 1408 - 1)
+    with caplog.at_level("WARNING", logger="latentdiff.optimize"):
+        assert use_prepacked_weights(model) == 0
+    assert type(model[0]) is nn.Conv2d and "would take more than half" in caplog.text
+    monkeypatch.setattr(optimize, "available_memory", lambda: 2 * 1408)
+    assert use_prepacked_weights(model) == 2 and isinstance(model[0], PrepackedConv2d)
+
+
 def test_tiled_decode_leaves_small_images_exact_and_blends_large_ones(tiny_pipe):
     vae = copy.deepcopy(tiny_pipe.vae)
     small, large = (torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(0)) for n in (16, 32))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPE_DRAWERS, SHAPES, STAR_INNER_RATIO, Prompt,
+from .data.shapes import (COLORS, CROSS_ARM_RATIO, HOLDOUT, SHAPES, STAR_INNER_RATIO, Prompt,
                           all_prompts, caption, parse_caption, render)
 from .pipeline import to_output
 from .schedulers import SAMPLERS

@@ -82,12 +82,6 @@ class LatentDiffusionPipeline:
         (SDXL: + "text_encoder_2")."""
         return dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
 
-    def _not_for_sdxl(self, what: str) -> None:
-        """One sentence for what this slice of SDXL support does not do yet."""
-        if self.is_sdxl:
-            raise ModelError(f"{what} is not supported for SDXL models yet; latentdiff runs SDXL text to image, "
-                             "image-to-image and inpainting")
-
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, folder, *, device=None, precision: str = "auto") -> "LatentDiffusionPipeline":
@@ -275,6 +269,8 @@ class LatentDiffusionPipeline:
         guidance_rescale: float = DEFAULTS.guidance_rescale,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -303,7 +299,6 @@ class LatentDiffusionPipeline:
             prompt, tags = self.prompt_loras(list(texts), lora_dir)
         with self.loras.scaled(tags):
             if prompt_embeds is not None:  # the caller's own context stands in for the prompt text
-                self._not_for_sdxl("prompt_embeds")
                 prompt = [""] * len(prompt_embeds)
             prompts, negatives = self.check_inputs(prompt, negative_prompt, num_images_per_prompt)
             init = self.prepare_image(image, mask_image, len(prompts) // num_images_per_prompt, num_images_per_prompt,
@@ -323,8 +318,9 @@ class LatentDiffusionPipeline:
                 context = self.encode_prompt(prompts, negatives if do_cfg else None, clip_skip=clip_skip,
                                              size=(height, width, sizes))
             else:
-                context = self.embeds_context(prompt_embeds, negative_prompt_embeds, negatives, num_images_per_prompt,
-                                              do_cfg, clip_skip)
+                context = self.embeds_context((prompt_embeds, pooled_prompt_embeds),
+                                              (negative_prompt_embeds, negative_pooled_prompt_embeds), negatives,
+                                              num_images_per_prompt, do_cfg, clip_skip, size=(height, width, sizes))
             scheduler.set_timesteps(num_inference_steps, device=self.device)
             condition = blend = None
             if init is None:
@@ -435,39 +431,60 @@ class LatentDiffusionPipeline:
         separate groups: a list of (image indices, Condition) — never padded to a batch mate's length, so an image
         does not depend on its batch. `size`: (height, width, SDXL's size conditioning), default the native size.
         """
-        height, width, sizes = size or (*self.check_size(None, None), SizeConditioning())
-        time_ids, negative_time_ids = sizes.time_ids(height, width)
         encoded = self._encode_texts((negatives or []) + prompts, clip_skip)
         conds = encoded[len(negatives or []):]
         pairs = [(u, c) for u, c in zip(encoded, conds)] if negatives is not None else [(None, c) for c in conds]
         if any(u is not None and _length(u) != _length(c) for u, c in pairs):
             pad = self._empty_chunk(clip_skip)
             pairs = [(_pad_to(u, _length(c), pad), _pad_to(c, _length(u), pad)) if u is not None else (u, c) for u, c in pairs]
+        return self._condition(pairs, negatives, size)
+
+    def _condition(self, pairs: list, negatives: list[str] | None, size):
+        """(uncond or None, cond) Conditions per image → the UNet's: the uncond of an empty negative prompt zeroed
+        where the model asks for it (SDXL; `negatives`: the prompts the unconds were encoded from, None for the
+        caller's own), the time ids added, grouped by context length (_group_contexts)."""
+        height, width, sizes = size or (*self.check_size(None, None), SizeConditioning())
+        time_ids, negative_time_ids = sizes.time_ids(height, width)
         if negatives is not None and self.conditioner.zero_empty_negative:
             pairs = [(c.map(torch.zeros_like) if n == "" else u, c) for n, (u, c) in zip(negatives, pairs)]
         with_ids = self.conditioner.with_time_ids
         pairs = [(None if u is None else with_ids(u, negative_time_ids), with_ids(c, time_ids)) for u, c in pairs]
         return _group_contexts(pairs)
 
-    def embeds_context(self, prompt_embeds, negative_prompt_embeds, negatives, per_prompt: int, do_cfg: bool, clip_skip):
-        """The Condition for caller-made `prompt_embeds` (n, L, D): negatives from `negative_prompt_embeds`, else
-        encoded from the negative prompts (padded with empty chunks to L)."""
-        cond = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(per_prompt, dim=0)
+    def embeds_context(self, embeds, negative_embeds, negatives, per_prompt: int, do_cfg: bool, clip_skip, size):
+        """The Condition for caller-made embeddings, as diffusers takes them: `embeds` = (prompt_embeds (n, L, D),
+        pooled_prompt_embeds (n, P): SDXL's, None otherwise), `negative_embeds` the same for the negatives, or
+        (None, None) to encode the negative prompts (padded with empty chunks to L; SDXL zeroes an empty one)."""
+        conds = self._given_conditions(*embeds, per_prompt, "prompt_embeds")
         if not do_cfg:
-            return Condition(cond)
-        if negative_prompt_embeds is not None:
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds {tuple(prompt_embeds.shape)}, "
-                                 f"got {tuple(negative_prompt_embeds.shape)}")
-            uncond = negative_prompt_embeds.to(cond).repeat_interleave(per_prompt, dim=0)
-        else:
-            pad = self._empty_chunk(clip_skip)
-            uncond = torch.stack([_pad_to(u, cond.shape[1], pad).context
-                                  for u in self._encode_texts(negatives, clip_skip)])
-            if uncond.shape[1] != cond.shape[1]:
-                raise ValueError(f"the negative prompt needs {uncond.shape[1]} tokens of context, prompt_embeds have "
-                                 f"{cond.shape[1]}; pass negative_prompt_embeds")
-        return Condition(torch.cat([uncond, cond]))
+            return self._condition([(None, c) for c in conds], None, size)
+        if negative_embeds[0] is not None:
+            if negative_embeds[0].shape != embeds[0].shape:
+                raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds {tuple(embeds[0].shape)}, "
+                                 f"got {tuple(negative_embeds[0].shape)}")
+            unconds = self._given_conditions(*negative_embeds, per_prompt, "negative_prompt_embeds")
+            return self._condition(list(zip(unconds, conds)), None, size)
+        pad = self._empty_chunk(clip_skip)
+        unconds = [_pad_to(u, _length(c), pad) for u, c in zip(self._encode_texts(negatives, clip_skip), conds)]
+        if any(_length(u) != _length(c) for u, c in zip(unconds, conds)):
+            raise ValueError(f"the negative prompt needs {max(map(_length, unconds))} tokens of context, prompt_embeds "
+                             f"have {_length(conds[0])}; pass negative_prompt_embeds")
+        return self._condition(list(zip(unconds, conds)), negatives, size)
+
+    def _given_conditions(self, embeds, pooled, per_prompt: int, name: str) -> list[Condition]:
+        """One Condition per image from the caller's `embeds` (n, L, D) and, for SDXL, `pooled` (n, P)."""
+        pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
+        if self.is_sdxl and pooled is None:
+            raise ValueError(f"SDXL needs {pooled_name} (n, {self.text_encoder_2.config.projection_dim}), the second text "
+                             f"encoder's pooled projection, with {name}, as diffusers' StableDiffusionXLPipeline does")
+        if not self.is_sdxl and pooled is not None:
+            raise ValueError(f"{pooled_name} are SDXL's; this model takes {name} alone")
+        if pooled is not None and (pooled.ndim != 2 or len(pooled) != len(embeds)):
+            raise ValueError(f"{pooled_name} must have one row per row of {name} ({len(embeds)}, P), "
+                             f"got {tuple(pooled.shape)}")
+        rows = embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(per_prompt, dim=0)
+        pooled = None if pooled is None else pooled.to(rows).repeat_interleave(per_prompt, dim=0)
+        return [Condition(rows[i], None if pooled is None else pooled[i]) for i in range(len(rows))]
 
     def _encode_texts(self, prompts: list[str], clip_skip: int) -> list[Condition]:
         """The conditioner's encoding, with the loaded embeddings' words expanded to their tokens."""

@@ -3,8 +3,6 @@ import contextlib
 import resource
 import signal
 
-from latentdiff.data.shapes import parse_caption  # noqa: F401  (re-exported for the tests)
-
 
 def random_lora_file(model_dir, path, *, seed: int = 0, text_encoder: bool = False):
     """A LoRA (rank 4 on the UNet's to_q/to_v, and with `text_encoder` on its four attention projections; B drawn from

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import parse_caption
 from latentdiff.commands.make_shapes import main as make_shapes_main
 from latentdiff.data import (COLORS, HOLDOUT, CaptionedImageDataset, DataError, all_prompts, caption,
                              collate_skip_none, make_shapes, scan_captioned_images)
+from latentdiff.data.shapes import parse_caption
 
 
 def _read(folder):

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import parse_caption
 from latentdiff import evaluate as ev
 from latentdiff.commands import eval_shapes
-from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, render
+from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, parse_caption, render
 
 
 def _judge_accuracy(folder, shapes):
@@ -103,7 +102,7 @@ def _bowed_triangle(r, bow):
     corners = [(r * math.cos(a), r * math.sin(a)) for a in np.radians([90, 210, 330])]
     points = []
     for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
-        length, nx, ny = math.hypot(x1 - x0, y1 - y0), (y1 - y0), -(x1 - x0)  # outward normal (y down)
+        nx, ny = (y1 - y0), -(x1 - x0)  # outward normal (y down), as long as the side
         for t in np.linspace(0, 1, 20, endpoint=False):
             bulge = 4 * t * (1 - t) * bow
             points.append((x0 + t * (x1 - x0) + bulge * nx, y0 + t * (y1 - y0) + bulge * ny))

@@ -246,3 +246,5 @@ def test_clip_skip_and_prompt_embeds_match_diffusers_fed_the_same_embeddings(pip
     via_embeds = pipe(None, prompt_embeds=embeds[:2], negative_prompt_embeds=embeds[2:], num_inference_steps=6,
                       guidance_scale=5.0, seed=[3, 4], sampler="ddim", output_type="pt", progress=False).images
     torch.testing.assert_close(via_embeds, ours, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds are SDXL's; this model takes prompt_embeds alone"):
+        pipe(None, prompt_embeds=embeds[:2], pooled_prompt_embeds=embeds[:2, 0], num_inference_steps=1, progress=False)

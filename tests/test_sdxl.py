@@ -194,9 +194,36 @@ def test_from_config_builds_an_sdxl_pipeline_from_component_configs(tmp_path, pi
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_what_sdxl_does_not_do_yet_is_one_sentence(pipe):
-    with pytest.raises(ModelError, match="prompt_embeds is not supported for SDXL"):
-        pipe(None, prompt_embeds=torch.zeros(1, 77, 80), num_inference_steps=1, progress=False)
+def test_prompt_embeds_with_pooled_embeds_match_diffusers(pipe, reference):
+    """diffusers' own encode_prompt output fed to both pipelines gives the same images as the text; without negative
+    embeddings a negative prompt is encoded, and an empty one is zeros in both (force_zeros_for_empty_prompt)."""
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = reference.encode_prompt(PROMPTS, device="cpu",
+                                                                            negative_prompt=["blurry"] * 2)
+    given = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    negatives = dict(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+
+    def ours(negative_prompt=None, **kwargs):
+        return pipe(None, negative_prompt, num_inference_steps=4, guidance_scale=5.0, seed=[3, 4], sampler="ddim",
+                    output_type="pt", progress=False, **SIZE, **given, **kwargs).images
+
+    def theirs(**kwargs):
+        return _diffusers(reference, "ddim")(num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+                                             generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **SIZE,
+                                             **given, **kwargs).images
+
+    from_embeds = ours(**negatives)
+    assert (from_embeds - theirs(**negatives)).abs().max().item() < TOLERANCE
+    assert (from_embeds - _ours(pipe, "ddim", "blurry")).abs().max().item() < 1e-5, "the same as from the text"
+    assert (ours("blurry") - from_embeds).abs().max().item() < 1e-5, "the negative prompt encoded instead"
+    zeroed = ours()
+    assert (zeroed - theirs()).abs().max().item() < TOLERANCE
+    assert (zeroed - from_embeds).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="SDXL needs pooled_prompt_embeds"):
+        pipe(None, prompt_embeds=embeds, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="SDXL needs negative_pooled_prompt_embeds"):
+        pipe(None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+             num_inference_steps=1, progress=False)
 
 
 def test_shipped_configs_are_sdxl_base_1_0():

@@ -12,7 +12,7 @@ import torch
 from helpers import file_size_limit
 
 from latentdiff.commands.train import main, vae_main
-from latentdiff.training.config import ConfigError, TrainConfig, parse_config
+from latentdiff.training.config import TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from test_pipeline import DIFFUSERS_SCHEDULERS
 
-from latentdiff.errors import ModelError
 from latentdiff.pipeline import load_pipeline
 
 PROMPTS = ["a red circle on a blue background", "a green star"]
@@ -39,13 +38,15 @@ def _diffusers(reference, sampler: str, cls: str | None = None):
 
 
 def _theirs(reference, sampler: str, prompts=PROMPTS, **kwargs):
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)][:len(prompts)]
+    """prompts=None: the images of kwargs' prompt_embeds."""
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)][:len(prompts or kwargs["prompt_embeds"])]
     return _diffusers(reference, sampler)(prompts, num_inference_steps=4, guidance_scale=5.0, generator=gens,
                                           output_type="pt", **SIZE, **kwargs).images
 
 
 def _ours(pipe, sampler: str, negative=None, prompts=PROMPTS, **kwargs):
-    return pipe(prompts, negative, num_inference_steps=4, guidance_scale=5.0, seed=[3, 4][:len(prompts)],
+    return pipe(prompts, negative, num_inference_steps=4, guidance_scale=5.0,
+                seed=[3, 4][:len(prompts or kwargs["prompt_embeds"])],
                 sampler=sampler, output_type="pt", progress=False, **SIZE, **kwargs).images
 
 
@@ -202,22 +203,13 @@ def test_prompt_embeds_with_pooled_embeds_match_diffusers(pipe, reference):
                                                                             negative_prompt=["blurry"] * 2)
     given = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     negatives = dict(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-
-    def ours(negative_prompt=None, **kwargs):
-        return pipe(None, negative_prompt, num_inference_steps=4, guidance_scale=5.0, seed=[3, 4], sampler="ddim",
-                    output_type="pt", progress=False, **SIZE, **given, **kwargs).images
-
-    def theirs(**kwargs):
-        return _diffusers(reference, "ddim")(num_inference_steps=4, guidance_scale=5.0, output_type="pt",
-                                             generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **SIZE,
-                                             **given, **kwargs).images
-
-    from_embeds = ours(**negatives)
-    assert (from_embeds - theirs(**negatives)).abs().max().item() < TOLERANCE
+    from_embeds = _ours(pipe, "ddim", None, None, **given, **negatives)
+    assert (from_embeds - _theirs(reference, "ddim", None, **given, **negatives)).abs().max().item() < TOLERANCE
     assert (from_embeds - _ours(pipe, "ddim", "blurry")).abs().max().item() < 1e-5, "the same as from the text"
-    assert (ours("blurry") - from_embeds).abs().max().item() < 1e-5, "the negative prompt encoded instead"
-    zeroed = ours()
-    assert (zeroed - theirs()).abs().max().item() < TOLERANCE
+    encoded = _ours(pipe, "ddim", "blurry", None, **given)
+    assert (encoded - from_embeds).abs().max().item() < 1e-5, "the negative prompt encoded instead"
+    zeroed = _ours(pipe, "ddim", None, None, **given)
+    assert (zeroed - _theirs(reference, "ddim", None, **given)).abs().max().item() < TOLERANCE
     assert (zeroed - from_embeds).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match="SDXL needs pooled_prompt_embeds"):
         pipe(None, prompt_embeds=embeds, num_inference_steps=1, progress=False)

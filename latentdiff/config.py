@@ -18,6 +18,10 @@ class GenerateConfig:
     scheduler: str | None = None  # the noise schedule (latentdiff.schedulers.SCHEDULERS); None: the model's default
     clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before
     guidance_rescale: float = 0.0  # Lin et al. 2023's φ (0 = off)
+    # A1111's NGMS (guidance.unconditional_skips): the σ below which the unconditional pass is skipped, and whether on
+    # every such step or every other one; None: the model's own (model_defaults.py; off for a model that names none)
+    guidance_min_sigma: float | None = None
+    guidance_min_sigma_all_steps: bool | None = None
     width: int | None = None
     height: int | None = None
     precision: str = "auto"  # latentdiff.precision.PRECISIONS

@@ -251,12 +251,14 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, prompt_index, k]).generate_state(1)[0])
 
 
-def _generate(pipe, jobs, *, sampler, steps, guidance_scale, batch_size, progress=False):
-    """Images for (Prompt, seed) jobs, batch by batch (each image has its own seed)."""
+def _generate(pipe, jobs, *, sampler, steps, guidance_scale, batch_size, progress=False, min_sigma=(None, None)):
+    """Images for (Prompt, seed) jobs, batch by batch (each image has its own seed); `min_sigma`: the pipeline's
+    (guidance_min_sigma, guidance_min_sigma_all_steps), None for the model's own."""
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="eval batches"):
         batch = jobs[start:start + batch_size]
         out = pipe([p.text for p, _ in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                   seed=[s for _, s in batch], sampler=sampler, output_type="numpy", progress=False)
+                   seed=[s for _, s in batch], sampler=sampler, output_type="numpy", progress=False,
+                   guidance_min_sigma=min_sigma[0], guidance_min_sigma_all_steps=min_sigma[1])
         yield from out.images
 
 
@@ -271,6 +273,7 @@ class VAERoundTrip:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.defaults = pipe.defaults
 
     def __call__(self, prompts, *, seed, output_type, **_):
         images = [np.asarray(render(*parse_caption(text), np.random.default_rng(s))) for text, s in zip(prompts, seed)]
@@ -301,7 +304,7 @@ def _accuracies(rows: list[dict[str, bool]]) -> dict | None:
 
 
 def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batch_size=32,
-             include_holdout=True, shapes=SHAPES, progress=False) -> dict:
+             include_holdout=True, shapes=SHAPES, progress=False, min_sigma=(None, None)) -> dict:
     """Accuracy of `pipe` on every shapes caption, n_per_prompt images each (JSON-able dict).
 
     "all" counts images with background, foreground color and shape all right; "outline" and "spot_free" judge
@@ -313,15 +316,16 @@ def evaluate(pipe, *, n_per_prompt, sampler, steps, guidance_scale, seed=0, batc
     jobs = [(p, image_seed(seed, i, k)) for i, p in enumerate(all_prompts(shapes=shapes))
             if include_holdout or not p.held_out for k in range(n_per_prompt)]
     images = _generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, progress=progress, min_sigma=min_sigma)
     rows, confusion = [], {shape: {} for shape in shapes}
+    ngms = dict(zip(("guidance_min_sigma", "guidance_min_sigma_all_steps"), pipe.defaults.resolve(*min_sigma)))
     for (prompt, _), image in zip(jobs, images):
         verdict = judge(image, shapes=candidates)
         rows.append((prompt, _correct(prompt, verdict, drawing(image))))
         judged = confusion[prompt.shape]
         judged[str(verdict["shape"])] = judged.get(str(verdict["shape"]), 0) + 1
     return {
-        "settings": {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+        "settings": {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, **ngms, "seed": seed,
                      "n_per_prompt": n_per_prompt, "include_holdout": include_holdout, "shapes": list(shapes),
                      "holdout": [f"{color} {shape}" for color, shape in HOLDOUT]},
         "overall": _accuracies([r for _, r in rows]),
@@ -344,7 +348,7 @@ def confusion_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(pipe, *, sampler, steps, guidance_scale, seed=0, batch_size=32) -> Image.Image:
+def sample_grid(pipe, *, sampler, steps, guidance_scale, seed=0, batch_size=32, min_sigma=(None, None)) -> Image.Image:
     """One image per (color, shape) on the next palette color: colors across, shapes down.
 
     The images are evaluate()'s first sample of each caption; each is labelled with its prompt,
@@ -355,7 +359,7 @@ def sample_grid(pipe, *, sampler, steps, guidance_scale, seed=0, batch_size=32) 
     chosen = [by_text[caption(c, s, names[(j + 1) % len(names)])] for s in SHAPES for j, c in enumerate(names)]
     jobs = [(p, image_seed(seed, i, 0)) for i, p in chosen]
     images = list(_generate(pipe, jobs, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                            batch_size=batch_size))
+                            batch_size=batch_size, min_sigma=min_sigma))
     font = ImageFont.load_default()
     scale = max(1, 128 // images[0].shape[1])  # small samples are enlarged (nearest) to be readable
     tile = images[0].shape[1] * scale

@@ -17,6 +17,7 @@ from .precision import precision_name
 from .schedulers import SCHEDULE_A1111, check_scheduler, get_sampler
 
 STRENGTH, MASK_BLUR = "Denoising strength", "Mask blur"  # A1111's names in the PNG parameters
+NGMS, NGMS_ALL = "NGMS", "NGMS all steps"
 
 
 def load_model(model=None, **options):
@@ -37,8 +38,9 @@ def generate(pipe, cfg: GenerateConfig, prompts: list[str], seeds: list[int], *,
         init |= {"mask_image": masks, "mask_blur": cfg.mask_blur}
     return pipe(prompts, cfg.negative_prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale, seed=seeds, sampler=cfg.sampler, scheduler=cfg.scheduler,
-                eta=cfg.eta, clip_skip=cfg.clip_skip, guidance_rescale=cfg.guidance_rescale, progress=False,
-                lora_dir=lora_dir, callback=callback, **init)
+                eta=cfg.eta, clip_skip=cfg.clip_skip, guidance_rescale=cfg.guidance_rescale,
+                guidance_min_sigma=cfg.guidance_min_sigma, guidance_min_sigma_all_steps=cfg.guidance_min_sigma_all_steps,
+                progress=False, lora_dir=lora_dir, callback=callback, **init)
 
 
 def png_params(pipe, cfg: GenerateConfig, prompt: str, seed: int, *, init: bool, mask: bool,
@@ -66,17 +68,22 @@ def embedding_params(pipe, prompt: str, negative: str) -> dict[str, str]:
 
 
 def prompt_settings(cfg: GenerateConfig, pipe) -> dict:
-    """The schedule that runs and the text-encoding settings, where they differ from the defaults (so a default
-    job's spec, and its id, is what it always was)."""
+    """The schedule and guidance that run and the text-encoding settings, where they differ from the defaults (so a
+    default job's spec, and its id, is what it always was); NGMS as resolved against the model's own."""
     schedule = check_scheduler(cfg.sampler, cfg.scheduler, pipe.schedule)
+    min_sigma, all_steps = pipe.defaults.resolve(cfg.guidance_min_sigma, cfg.guidance_min_sigma_all_steps)
+    ngms = min_sigma > 0 and cfg.guidance_scale > 1
     return ({"scheduler": schedule} if schedule != "normal" else {}) | \
         ({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}) | \
-        ({"guidance_rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {})
+        ({"guidance_rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}) | \
+        ({"guidance_min_sigma": min_sigma} if ngms else {}) | \
+        ({"guidance_min_sigma_all_steps": True} if ngms and all_steps else {})
 
 
 def prompt_params(cfg: GenerateConfig, pipe) -> dict[str, str]:
     """Their PNG fields, in A1111's names."""
-    names = {"scheduler": "Schedule type", "clip_skip": "Clip skip", "guidance_rescale": "Guidance rescale"}
+    names = {"scheduler": "Schedule type", "clip_skip": "Clip skip", "guidance_rescale": "Guidance rescale",
+             "guidance_min_sigma": NGMS, "guidance_min_sigma_all_steps": NGMS_ALL}
     values = prompt_settings(cfg, pipe)
     values = values | ({"scheduler": SCHEDULE_A1111[values["scheduler"]]} if "scheduler" in values else {})
     return {names[k]: f"{v:g}" if isinstance(v, float) else str(v) for k, v in values.items()}

@@ -21,3 +21,12 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
     dims = tuple(range(1, eps_cfg.ndim))
     rescaled = eps_cfg * (eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True))
     return phi * rescaled + (1 - phi) * eps_cfg
+
+
+def unconditional_skips(sigmas: list[float], start: int, min_sigma: float, all_steps: bool) -> list[bool]:
+    """A1111's "Negative Guidance minimum sigma" (NGMS): which steps of `sigmas` (n + 1 levels, the last 0) run the
+    conditional pass alone (guidance 1), as CFG adds little but edge overshoot once the image is nearly clean
+    (Kynkäänniemi et al. 2024 limit guidance to an interval for the same reason). A step whose σ is below
+    `min_sigma` skips it: every step with `all_steps`, else every other one counted from `start` (A1111's default)."""
+    return [0 < min_sigma and sigma < min_sigma and (all_steps or (i - start) % 2 == 1)
+            for i, sigma in enumerate(sigmas[:-1])]

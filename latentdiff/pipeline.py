@@ -21,7 +21,8 @@ from .errors import ModelError
 from .files import atomic_dir, file_sha256
 from .adapters.embeddings import Embeddings
 from .adapters.lora import Loras, adapter_name, find_lora, lora_tags
-from .guidance import cfg_combine, rescale_guidance
+from .guidance import cfg_combine, rescale_guidance, unconditional_skips
+from .model_defaults import ModelDefaults
 from .optimize import optimize_for_inference
 from .precision import component_dtypes
 from .schedulers import ScheduleConfig, get_sampler, randn
@@ -50,12 +51,15 @@ def _as_list(x, n: int, what: str) -> list:
 
 class LatentDiffusionPipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig, *, text_encoder_2=None,
-                 tokenizer_2=None, force_zeros_for_empty_prompt: bool = True, name: str = "", source: Path | None = None):
+                 tokenizer_2=None, force_zeros_for_empty_prompt: bool = True, name: str = "", source: Path | None = None,
+                 defaults: ModelDefaults = ModelDefaults()):
         """SD 1.x/2.x: one text encoder; SDXL (a UNet with the "text_time" added embedding): `text_encoder_2` (ViT-bigG
-        with projection) and `tokenizer_2` too, and `force_zeros_for_empty_prompt` as in its model_index.json."""
+        with projection) and `tokenizer_2` too, and `force_zeros_for_empty_prompt` as in its model_index.json.
+        `defaults`: the sampling settings the model recommends for itself (model_defaults.py)."""
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.schedule = schedule
+        self.defaults = defaults
         self.name = name
         self.source = source  # file or folder the weights came from (for the PNG "Model hash")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -112,7 +116,7 @@ class LatentDiffusionPipeline:
                     "force_zeros_for_empty_prompt": (json.loads(index.read_text()) if index.is_file() else {})
                     .get("force_zeros_for_empty_prompt", True)}
         return cls(unet, autoencoder, text_encoder, tokenizer, schedule, name=folder.resolve().name, source=folder,
-                   **sdxl).to(device)
+                   defaults=ModelDefaults.read(folder), **sdxl).to(device)
 
     @classmethod
     def from_single_file(cls, path, *, device=None, precision: str = "auto", config_dir=None, prediction_type=None,
@@ -183,6 +187,7 @@ class LatentDiffusionPipeline:
                           "tokenizer_2": ["transformers", "CLIPTokenizer"],
                           "force_zeros_for_empty_prompt": self.conditioner.zero_empty_negative}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            self.defaults.write(tmp)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         for model in (self.unet, self.vae, *self.text_encoders):
@@ -267,6 +272,8 @@ class LatentDiffusionPipeline:
         eta: float = DEFAULTS.eta,
         clip_skip: int = DEFAULTS.clip_skip,
         guidance_rescale: float = DEFAULTS.guidance_rescale,
+        guidance_min_sigma: float | None = DEFAULTS.guidance_min_sigma,
+        guidance_min_sigma_all_steps: bool | None = DEFAULTS.guidance_min_sigma_all_steps,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
@@ -311,6 +318,7 @@ class LatentDiffusionPipeline:
             self.check_unet(inpainting=init is not None and init.mask is not None)
             if not 0 <= guidance_rescale <= 1:
                 raise ValueError(f"guidance_rescale must be between 0 and 1 (Lin et al. 2023's φ), got {guidance_rescale!r}")
+            min_sigma = self.defaults.resolve(guidance_min_sigma, guidance_min_sigma_all_steps)
             scheduler = get_sampler(sampler, self.schedule, scheduler, eta=eta)
             seeds, generators = make_generators(len(prompts), seed, generator)
             do_cfg = guidance_scale > 1.0
@@ -336,7 +344,7 @@ class LatentDiffusionPipeline:
 
             latents = self.denoise(latents, context, scheduler, guidance_scale, generators, start=start, condition=condition,
                                    on_step=on_step if blend or callback else None, progress=progress,
-                                   guidance_rescale=guidance_rescale)
+                                   guidance_rescale=guidance_rescale, guidance_min_sigma=min_sigma)
             check_latents(latents)
             if output_type == "latents":
                 return GenerationOutput(latents, seeds)
@@ -531,22 +539,28 @@ class LatentDiffusionPipeline:
 
     def denoise(self, latents, context, scheduler, guidance_scale: float, generators, *, start: int = 0,
                 condition: torch.Tensor | None = None, on_step: Callable | None = None, progress: bool = False,
-                guidance_rescale: float = 0.0) -> torch.Tensor:
+                guidance_rescale: float = 0.0, guidance_min_sigma: tuple[float, bool] = (0.0, False)) -> torch.Tensor:
         """The sampling loop over scheduler.timesteps[start:]; float32 latents in and out.
 
-        With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both. `condition` is joined to the
-        UNet's input channels (a 9-channel inpainting UNet's mask and masked-image latents). `on_step(i, t, latents)`
+        With guidance (> 1), `context` is [uncond; cond] and one UNet call serves both, except on the steps where
+        `guidance_min_sigma` (σ, all steps) skips the unconditional pass (guidance.unconditional_skips). `condition`
+        is joined to the UNet's input channels (a 9-channel inpainting UNet's mask and masked-image latents). `on_step(i, t, latents)`
         runs after every step; a tensor it returns replaces the latents (a hook can blend in what must be kept).
         Nothing in the loop reads a device value back to the host (no sync per step): `check_latents` after it.
         """
         from tqdm.auto import tqdm
 
         do_cfg = guidance_scale > 1.0
+        skips = unconditional_skips(scheduler.sigma_list, start, *guidance_min_sigma) if do_cfg else []
+        cond_only = conditional_rows(context) if any(skips) else None
         scheduler.set_begin_index(start)  # the step count is known: no read-back of t from the device
         for i, t in enumerate(tqdm(scheduler.timesteps[start:], disable=not progress, desc="sampling", leave=False), start):
             x_in = scheduler.scale_model_input(latents, t)
             x_in = x_in if condition is None else torch.cat([x_in, condition], dim=1)
-            eps = self.predict(x_in, t, context, guidance_scale if do_cfg else None, guidance_rescale)
+            if do_cfg and skips[i]:
+                eps = self.predict(x_in, t, cond_only, None)
+            else:
+                eps = self.predict(x_in, t, context, guidance_scale if do_cfg else None, guidance_rescale)
             latents = scheduler.step(eps, t, latents, generator=generators)
             if on_step is not None:
                 replaced = on_step(i, t, latents)
@@ -577,6 +591,14 @@ class LatentDiffusionPipeline:
         """Images (B, 3, H, W) in [-1, 1] → scaled latents, a posterior sample drawn with `generator` (or with one
         generator per image, from a list)."""
         return encode_pixels(self.vae, pixels, generator)
+
+
+def conditional_rows(context):
+    """The conditional half of a guided context ([uncond; cond] rows, or groups of them): what a step without
+    the unconditional pass runs on."""
+    if isinstance(context, list):
+        return [(index, conditional_rows(group)) for index, group in context]
+    return context.map(lambda x: x[len(x) // 2:])
 
 
 def _length(condition: Condition) -> int:

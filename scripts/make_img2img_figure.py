@@ -7,7 +7,7 @@
 Row 1, image-to-image: a rendered red circle on blue, re-imagined as "a yellow star on a blue background" at several
 strengths. Row 2, inpainting: a smaller red circle on blue, its bounding box (+4 px) masked and repainted from three
 prompts; outside the feathered mask every pixel is the original's (checked here, and counted on the figure).
-The shipped model at its defaults (dpmpp_2m, 20 steps, guidance 5), seed 0; mask blur 1 px, as the default 4 px
+The shipped model at its defaults (dpmpp_2m, 20 steps, guidance 5, its own NGMS), seed 0; mask blur 1 px, as the default 4 px
 (A1111's, for 512-px pictures) would feather most of a 64-px one.
 """
 from __future__ import annotations

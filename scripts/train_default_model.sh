@@ -6,7 +6,8 @@
 #       triangles, squares and circles, 6. UNet + text encoder go on from step 3 (configs/shapes_unet_v2.yaml);
 #   v2.1: 7. the decoder goes on from step 4 on a set with every (color, shape) pair (configs/shapes_vae_decoder_2.yaml),
 #       8. UNet + text encoder go on from step 6 with stars twice as often (configs/shapes_unet_v2_1.yaml);
-#   9. fp16 copy of step 8's UNet + text encoder with step 7's VAE into the package.
+#   9. fp16 copy of step 8's UNet + text encoder with step 7's VAE into the package, with its latentdiff.json: NGMS
+#      σ 0.9 on every step, the sampling setting it was judged best with (README, "The shipped default model").
 #   scripts/train_default_model.sh [all|v1|v2|v2.1]  (default all; each stage needs the runs/ and data/ of the one before)
 # (v2.1 as shipped started from the v2 package upcast to fp32: v2's run folders were on another machine.)
 # v1 ran on the 2-core CPU; v2 and v2.1 on one GPU (about 10 and 5 minutes there; the same commands run on a CPU, only
@@ -38,8 +39,10 @@ latentdiff train --config configs/shapes_unet_v2_1.yaml --resume latest
 python - <<'PY'
 import torch
 from diffusers import AutoencoderKL
+from latentdiff.model_defaults import ModelDefaults
 from latentdiff.pipeline import LatentDiffusionPipeline
 pipe = LatentDiffusionPipeline.from_pretrained("runs/shapes_unet_v2_1/model", device="cpu", precision="fp32")
 pipe.vae = AutoencoderKL.from_pretrained("runs/shapes_vae_decoder_2/vae")
+pipe.defaults = ModelDefaults(guidance_min_sigma=0.9, guidance_min_sigma_all_steps=True)
 pipe.save_pretrained("latentdiff/default_model", dtype=torch.float16)
 PY

@@ -8,7 +8,7 @@ PACKAGE = Path(latentdiff.__file__).parent
 # lowest first; a module's layer is that of its longest matching name
 LAYERS = [
     {"errors", "files", "config", "precision", "devices", "text", "prompts", "guidance", "vae", "schedulers", "optimize",
-     "pngmeta", "images", "conditioning"},
+     "pngmeta", "images", "conditioning", "model_defaults"},
     {"data", "checkpoints", "adapters"},
     {"pipeline", "training", "evaluate", "generation"},
     {"commands", "server", "cli", "__init__"},

@@ -26,14 +26,16 @@ def _scheduler(pipe, sampler):
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_denoising_loop_reads_nothing_back_from_the_device(pipe, sampler, monkeypatch):
+@pytest.mark.parametrize("min_sigma", [(0.0, False), (2.0, False)], ids=["guided", "ngms"])
+def test_denoising_loop_reads_nothing_back_from_the_device(pipe, sampler, min_sigma, monkeypatch):
     def gens():
         return [torch.Generator().manual_seed(s) for s in (0, 1)]
 
     with torch.inference_mode():
         context = pipe.encode_prompt(["a cat", "a dog"], ["", ""])
         latents = pipe.prepare_latents(2, 16, 16, gens(), _scheduler(pipe, sampler))
-        reference = pipe.denoise(latents.clone(), context, _scheduler(pipe, sampler), 5.0, gens(), start=1)
+        reference = pipe.denoise(latents.clone(), context, _scheduler(pipe, sampler), 5.0, gens(), start=1,
+                                 guidance_min_sigma=min_sigma)
 
         def refuse(name):
             def sync(self, *args, **kwargs):
@@ -43,7 +45,7 @@ def test_denoising_loop_reads_nothing_back_from_the_device(pipe, sampler, monkey
         scheduler = _scheduler(pipe, sampler)
         for name in SYNCING:
             monkeypatch.setattr(torch.Tensor, name, refuse(name))
-        out = pipe.denoise(latents.clone(), context, scheduler, 5.0, gens(), start=1)
+        out = pipe.denoise(latents.clone(), context, scheduler, 5.0, gens(), start=1, guidance_min_sigma=min_sigma)
         monkeypatch.undo()
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from latentdiff import evaluate as ev
 from latentdiff.commands import eval_shapes
+from latentdiff.model_defaults import ModelDefaults
 from latentdiff.data.shapes import COLORS, SHAPES, make_shapes, parse_caption, render
 
 
@@ -61,7 +62,10 @@ class FakePipe:
         self.force_shape = force_shape
         self.calls = []
 
-    def __call__(self, prompts, *, num_inference_steps, guidance_scale, seed, sampler, output_type, progress):
+    defaults = ModelDefaults()
+
+    def __call__(self, prompts, *, num_inference_steps, guidance_scale, seed, sampler, output_type, progress,
+                 guidance_min_sigma, guidance_min_sigma_all_steps):
         assert output_type == "numpy" and len(seed) == len(prompts)
         self.calls.append((list(prompts), list(seed)))
         images = []

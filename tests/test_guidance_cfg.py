@@ -1,7 +1,7 @@
 """Classifier-free guidance, both halves: the sampling-time combination and the training-time caption dropout."""
 import torch
 
-from latentdiff.guidance import cfg_combine, drop_captions
+from latentdiff.guidance import cfg_combine, drop_captions, unconditional_skips
 
 
 def test_cfg_combine_is_uncond_plus_scale_times_difference():
@@ -32,3 +32,14 @@ def test_drop_captions_is_a_function_of_the_generator_alone():
     torch.manual_seed(1)  # the global RNG must not matter: resumed runs replay the same dropout
     b = drop_captions(texts, 0.5, torch.Generator().manual_seed(11))
     assert a == b
+
+
+def test_unconditional_skips_follow_a1111s_ngms_rule():
+    """A1111's CFGDenoiser: skip the uncond pass where σ < s_min_uncond, on odd steps (counted from the first step
+    run) or, with "NGMS all steps", on every one; σ equal to the threshold keeps it."""
+    sigmas = [10.0, 5.0, 1.5, 1.0, 0.5, 0.2, 0.0]
+    assert unconditional_skips(sigmas, 0, 1.5, False) == [False, False, False, True, False, True]
+    assert unconditional_skips(sigmas, 0, 1.5, True) == [False, False, False, True, True, True]
+    assert unconditional_skips(sigmas, 1, 1.5, False) == [False, False, False, False, True, False]  # img2img from step 1
+    assert unconditional_skips(sigmas, 0, 0.0, True) == [False] * 6  # 0: off
+    assert unconditional_skips(sigmas, 0, 100.0, True) == [True] * 6

@@ -248,3 +248,94 @@ def test_clip_skip_and_prompt_embeds_match_diffusers_fed_the_same_embeddings(pip
     torch.testing.assert_close(via_embeds, ours, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="pooled_prompt_embeds are SDXL's; this model takes prompt_embeds alone"):
         pipe(None, prompt_embeds=embeds[:2], pooled_prompt_embeds=embeds[:2, 0], num_inference_steps=1, progress=False)
+
+
+def _guidance_switch(skipped: set[int], scale: float):
+    """diffusers' documented dynamic-CFG callback, generalised: after step i, step i + 1 runs the conditional half of
+    prompt_embeds at guidance 0 if it is in `skipped`, else the whole [uncond; cond] at `scale`."""
+    full = {}
+
+    def callback(pipeline, i, t, kwargs):
+        full.setdefault("embeds", kwargs["prompt_embeds"])  # step 0 always runs guided here
+        off = i + 1 in skipped
+        pipeline._guidance_scale = 0.0 if off else scale
+        kwargs["prompt_embeds"] = full["embeds"].chunk(2)[1] if off else full["embeds"]
+        return kwargs
+
+    return callback
+
+
+@pytest.mark.parametrize("all_steps", [True, False])
+def test_guidance_min_sigma_matches_diffusers_switching_guidance_off_in_a_step_callback(pipe, reference, all_steps):
+    from latentdiff.schedulers import get_sampler
+
+    sampler = get_sampler("ddim", pipe.schedule)
+    sampler.set_timesteps(6)
+    threshold = float(sampler.sigmas[0] + sampler.sigmas[1]) / 2  # every step but the first is below it
+    skipped = {1, 2, 3, 4, 5} if all_steps else {1, 3, 5}
+    ours = pipe(PROMPTS, "blurry", num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler="ddim",
+                guidance_min_sigma=threshold, guidance_min_sigma_all_steps=all_steps, output_type="pt",
+                progress=False).images
+    theirs = _diffusers_image(reference, "DDIMScheduler", prompt=PROMPTS, negative_prompt=["blurry"] * 2,
+                              callback_on_step_end=_guidance_switch(skipped, 5.0),
+                              callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    guided = pipe(PROMPTS, "blurry", num_inference_steps=6, guidance_scale=5.0, seed=[3, 4], sampler="ddim",
+                  output_type="pt", progress=False).images
+    assert (ours - theirs).abs().max().item() < 1e-3 and (ours - guided).abs().max().item() > 1e-3
+
+
+def test_guidance_min_sigma_skips_the_unconditional_rows(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        pipe(PROMPTS, guidance_scale=3.0, num_inference_steps=4, guidance_min_sigma=1e9,
+             guidance_min_sigma_all_steps=False, progress=False, output_type="latents")
+    finally:
+        handle.remove()
+    assert calls == [4, 2, 4, 2]  # every other step runs the 2 conditional rows alone
+
+
+def test_a_models_own_guidance_min_sigma_is_its_default_and_saved_with_it(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from latentdiff.model_defaults import ModelDefaults
+
+    folder = tmp_path / "with-defaults"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "latentdiff.json").write_text(json.dumps({"guidance_min_sigma": 5.0, "guidance_min_sigma_all_steps": True}))
+    own = load_pipeline(folder, device="cpu", precision="fp32")
+    plain = load_pipeline(tiny_model_dir, device="cpu", precision="fp32")
+    assert own.defaults == ModelDefaults(5.0, True) and plain.defaults == ModelDefaults()
+    run = dict(num_inference_steps=4, guidance_scale=5.0, seed=[1, 2], output_type="pt", progress=False)
+    by_default = own(PROMPTS, **run).images
+    torch.testing.assert_close(by_default, plain(PROMPTS, guidance_min_sigma=5.0, guidance_min_sigma_all_steps=True,
+                                                 **run).images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(own(PROMPTS, guidance_min_sigma=0.0, **run).images, plain(PROMPTS, **run).images,
+                               atol=1e-5, rtol=0)  # a call's own value wins
+    assert (by_default - plain(PROMPTS, **run).images).abs().max().item() > 1e-3
+    own.save_pretrained(tmp_path / "saved")
+    plain.save_pretrained(tmp_path / "saved-plain")
+    assert json.loads((tmp_path / "saved" / "latentdiff.json").read_text()) == {
+        "guidance_min_sigma": 5.0, "guidance_min_sigma_all_steps": True}
+    assert not (tmp_path / "saved-plain" / "latentdiff.json").exists()
+
+
+@pytest.mark.parametrize("content, named", [("{", "Expecting property name"), ('{"ngms": 1}', "unexpected keyword"),
+                                            ('{"guidance_min_sigma": -1}', "must be a number ≥ 0")])
+def test_a_bad_model_defaults_file_is_one_sentence(tiny_model_dir, tmp_path, content, named):
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "latentdiff.json").write_text(content)
+    with pytest.raises(ModelError, match=f"latentdiff.json is not a latentdiff model-defaults file .*{named}"):
+        load_pipeline(folder, device="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(guidance_min_sigma=-0.5), "guidance_min_sigma must be a number ≥ 0"),
+                                           (dict(guidance_min_sigma=float("nan")), "guidance_min_sigma must be"),
+                                           (dict(guidance_min_sigma_all_steps="yes"), "must be true or false")])
+def test_bad_guidance_min_sigma_is_refused(pipe, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        pipe(PROMPTS, num_inference_steps=1, progress=False, **kwargs)

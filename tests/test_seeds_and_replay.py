@@ -238,3 +238,31 @@ def test_flags_given_with_from_png_replace_the_pngs_settings(tiny_model_dir, tmp
     assert generate("a cat", "--model", tiny_model_dir, "--steps", "2", "--seed", "5", "--outdir", tmp_path / "c",
                     "--precision", "fp32", "--skip-grid", "--no-progress") == 0
     assert np.array_equal(pixels(tmp_path / "b" / "samples" / "00000.png"), pixels(tmp_path / "c" / "samples" / "00000.png"))
+
+
+def test_ngms_is_written_in_a1111_names_and_replayed_whatever_the_models_own(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    own = tmp_path / "own-ngms"  # a model that recommends NGMS 5 on every step
+    shutil.copytree(tiny_model_dir, own)
+    (own / "latentdiff.json").write_text(json.dumps({"guidance_min_sigma": 5.0, "guidance_min_sigma_all_steps": True}))
+    run = ("--steps", "3", "--precision", "fp32", "--skip-grid", "--no-progress")
+    assert generate("a cat", "--model", own, "--outdir", tmp_path / "own", *run) == 0
+    assert generate("a cat", "--model", tiny_model_dir, "--outdir", tmp_path / "plain", *run) == 0
+    with_ngms, without = tmp_path / "own" / "samples" / "00000.png", tmp_path / "plain" / "samples" / "00000.png"
+    assert "NGMS: 5, NGMS all steps: True" in Image.open(with_ngms).info["parameters"]
+    assert "NGMS" not in Image.open(without).info["parameters"]
+    assert np.abs(pixels(with_ngms).astype(int) - pixels(without)).max() > 2
+    # each replays on the other model: the PNG's NGMS (or its absence: off) wins over the model's own
+    assert generate("--from-png", with_ngms, "--model", tiny_model_dir, "--outdir", tmp_path / "r1", "--no-progress") == 0
+    assert generate("--from-png", without, "--model", own, "--outdir", tmp_path / "r2", "--no-progress") == 0
+    assert np.array_equal(pixels(tmp_path / "r1" / "samples" / "00000.png"), pixels(with_ngms))
+    assert np.array_equal(pixels(tmp_path / "r2" / "samples" / "00000.png"), pixels(without))
+    # the flags give it on any model
+    assert generate("a cat", "--model", tiny_model_dir, "--guidance-min-sigma", "5", "--guidance-min-sigma-all-steps",
+                    "--outdir", tmp_path / "flags", *run) == 0
+    assert np.array_equal(pixels(tmp_path / "flags" / "samples" / "00000.png"), pixels(with_ngms))
+    capsys.readouterr()
+    assert generate("a cat", "--model", tiny_model_dir, "--guidance-min-sigma", "-1", "--outdir", tmp_path / "bad", *run) == 2
+    assert "--guidance-min-sigma must be a noise level ≥ 0 (0 = off), got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

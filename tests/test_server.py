@@ -67,6 +67,22 @@ def test_txt2img_equals_the_pipeline_and_the_batch_script(api, pipe, server, tmp
         assert batch.info["parameters"] == r.info["infotexts"][0]
 
 
+def test_ngms_fields_reach_the_pipeline(pipe, server):
+    """A1111's s_min_uncond and its "NGMS all steps" setting (override_settings s_min_uncond_all)."""
+    url = f"{server.url}/sdapi/v1/txt2img"
+    body = {"prompt": "a green star on a black background", "seed": 5, "steps": STEPS, "sampler_name": "DPM++ 2M",
+            "s_min_uncond": 3.0, "override_settings": {"s_min_uncond_all": False}}
+    r = requests.post(url, json=body)
+    info = json.loads(r.json()["info"])
+    ref = pipe(body["prompt"], seed=5, num_inference_steps=STEPS, guidance_min_sigma=3.0,
+               guidance_min_sigma_all_steps=False, output_type="numpy", progress=False).images[0]
+    from PIL import Image
+    assert np.array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))), ref)
+    assert info["notes"] == [] and "NGMS: 3" in info["infotexts"][0] and "NGMS all steps" not in info["infotexts"][0]
+    bad = requests.post(url, json={**body, "override_settings": {"s_min_uncond_all": "yes"}})
+    assert bad.status_code == 422 and "s_min_uncond_all must be true or false" in bad.text
+
+
 def test_concurrent_requests_are_each_answered_with_their_own_images(api, pipe):
     jobs = [(f"a {c} {s} on a white background", 1000 + 17 * k)
             for k, (c, s) in enumerate(zip(["red", "green", "blue", "yellow", "purple", "black"],
@@ -190,7 +206,8 @@ def test_bad_input_is_a_4xx_naming_the_field(server):
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
     for body, field in (({"steps": "many"}, "steps"), ({"width": 100_000}, "width"), ({"seed": -5}, "seed"),
                         ({"sampler_name": "Bogus"}, "sampler_name"), ({"cfg_scale": "nan"}, "cfg_scale"),
-                        ({"batch_size": 1000}, "batch_size"), ({"scheduler": "spiral"}, "scheduler")):
+                        ({"batch_size": 1000}, "batch_size"), ({"scheduler": "spiral"}, "scheduler"),
+                        ({"s_min_uncond": -1}, "s_min_uncond")):
         r = requests.post(url, json={"prompt": "x", **body})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], (body, r.text)
     big = requests.post(url, json={"prompt": "x" * (2**20 + 1)})  # over the body bound (1 MiB here)

@@ -12,6 +12,7 @@ from ..errors import ModelError
 from ..evaluate import (SWEEP_SAMPLERS, SWEEP_STEPS, VAERoundTrip, confusion_table, evaluate, sample_grid,
                         sweep_table)
 from ..files import atomic_write_text
+from ..model_defaults import check_min_sigma
 from ..pipeline import load_pipeline
 from ..pngmeta import write_png
 from ..precision import PRECISIONS
@@ -31,6 +32,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", default=DEFAULTS.sampler)
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
     parser.add_argument("--scale", type=float, default=DEFAULTS.guidance_scale, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-min-sigma", type=float, default=None, metavar="SIGMA",
+                        help="NGMS: skip the unconditional pass below this σ (default: the model's own)")
+    parser.add_argument("--guidance-min-sigma-all-steps", action=argparse.BooleanOptionalAction, default=None,
+                        help="on every step below it, not every other one (default: the model's own)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes whose captions to judge")
     parser.add_argument("--lora", help="a LoRA file to apply (pytorch_lora_weights.safetensors)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
@@ -59,6 +64,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"model path {args.model} does not exist.")
     if args.lora is not None and not Path(args.lora).is_file():
         parser.error(f"LoRA file {args.lora} does not exist.")
+    try:
+        check_min_sigma(args.guidance_min_sigma or 0.0, bool(args.guidance_min_sigma_all_steps))
+    except ValueError as e:
+        parser.error(f"--{e}.".replace("_", "-", 2))
     if args.vae_only and args.sweep:
         parser.error("--vae-only judges the VAE alone: it has no sampler or steps to --sweep.")
     shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
@@ -77,8 +86,9 @@ def main(argv: list[str]) -> int:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     if args.vae_only:
         pipe = VAERoundTrip(pipe)
+    min_sigma = (args.guidance_min_sigma, args.guidance_min_sigma_all_steps)
     common = dict(n_per_prompt=args.n_per_prompt, guidance_scale=args.scale, seed=args.seed, shapes=shapes,
-                  batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True)
+                  batch_size=args.batch_size, include_holdout=not args.no_holdout, progress=True, min_sigma=min_sigma)
     if args.sweep:
         result = [evaluate(pipe, sampler=sampler, steps=steps, **common)
                   for sampler in SWEEP_SAMPLERS for steps in SWEEP_STEPS]
@@ -91,5 +101,5 @@ def main(argv: list[str]) -> int:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     if args.grid:
         write_png(args.grid, sample_grid(pipe, sampler=args.sampler, steps=args.steps, guidance_scale=args.scale,
-                                         seed=args.seed, batch_size=args.batch_size))
+                                         seed=args.seed, batch_size=args.batch_size, min_sigma=min_sigma))
     return 0

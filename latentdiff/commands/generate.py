@@ -26,7 +26,8 @@ from ..data.datasets import IMAGE_EXTENSIONS, UNREADABLE
 from ..devices import process_state
 from ..errors import ModelError, UsageError, first_line
 from ..files import file_sha256, remove_leftovers
-from ..generation import MASK_BLUR, STRENGTH, applied_loras, check, generate, load_model, png_params, prompt_settings
+from ..generation import (MASK_BLUR, NGMS, NGMS_ALL, STRENGTH, applied_loras, check, generate, load_model, png_params,
+                          prompt_settings)
 from ..images import check_mask_blur, rounded_size, size_of
 from ..pipeline import MAX_SEED, MODEL_SUFFIXES
 from ..pngmeta import read_params, save_png, write_numbered
@@ -100,6 +101,12 @@ def build_parser(prog: str, positional_prompt: bool) -> argparse.ArgumentParser:
                    help="1 = the text encoder's last layer (default), 2 = the one before (A1111's numbering)")
     p.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
                    help="φ of Lin et al. 2023, 0–1 (default 0: off); for zero-terminal-SNR / v-prediction models")
+    p.add_argument("--guidance-min-sigma", type=float, default=DEFAULTS.guidance_min_sigma, metavar="SIGMA",
+                   help="A1111's NGMS: below this noise level σ, skip the unconditional pass on every other step "
+                   "(0: never; default: the model's own, off unless its latentdiff.json names one)")
+    p.add_argument("--guidance-min-sigma-all-steps", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS.guidance_min_sigma_all_steps,
+                   help="skip it on every step below that σ (A1111's \"NGMS all steps\"; default: the model's own)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file applied to every image, at SCALE (default 1); repeat for several")
     p.add_argument("--lora-dir", type=Path, help="the folder the prompts' <lora:name:weight> tags name files in")
@@ -166,6 +173,8 @@ def check_args(args) -> list[Input]:
         raise UsageError(f"--clip-skip must be at least 1 (1 = the last layer), got {args.clip_skip}")
     if not 0 <= args.guidance_rescale <= 1:
         raise UsageError(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
+    if args.guidance_min_sigma is not None and not (math.isfinite(args.guidance_min_sigma) and args.guidance_min_sigma >= 0):
+        raise UsageError(f"--guidance-min-sigma must be a noise level ≥ 0 (0 = off), got {args.guidance_min_sigma}")
     if args.scheduler is not None and args.sampler in SAMPLERS:
         try:
             check_scheduler(args.sampler, args.scheduler)
@@ -249,16 +258,17 @@ def check_embeddings(args) -> None:
 
 # Settings a flag given with --from-png changes (the rest of the replay stays the PNG's)
 _OVERRIDABLE = {"prompt", "negative_prompt", "seed", "steps", "scale", "sampler", "scheduler", "eta", "clip_skip",
-                "guidance_rescale", "W", "H", "precision", "n_samples", "n_iter", "strength", "mask_blur"}
+                "guidance_rescale", "guidance_min_sigma", "guidance_min_sigma_all_steps", "W", "H", "precision", "n_samples", "n_iter", "strength", "mask_blur"}
 
 # Fields --from-png restores, or that describe the run and change nothing (the model is given by --model)
-_REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ",
+_REPLAYED = {"Precision", "Eta", "Schedule type", "Clip skip", "Guidance rescale", "CFG Rescale", "CFG Rescale φ", NGMS, NGMS_ALL,
              "Denoising strength", "Mask blur", "Model", "Model hash", "Version", "Lora hashes",
              "TI hashes"}
 
 
 def _replay_prompt_settings(args, params) -> None:
-    """Schedule, clip skip and guidance rescale from the PNG; fields latentdiff cannot honour are named in one warning."""
+    """Schedule, clip skip, guidance rescale and NGMS from the PNG (no NGMS field: made without it, whatever the
+    model's own); fields latentdiff cannot honour are named in one warning."""
     extra = params.extra
     try:
         if "Schedule type" in extra:
@@ -266,6 +276,8 @@ def _replay_prompt_settings(args, params) -> None:
         args.clip_skip = int(extra.get("Clip skip", args.clip_skip))
         rescale = next((extra[k] for k in ("Guidance rescale", "CFG Rescale", "CFG Rescale φ") if k in extra), None)
         args.guidance_rescale = args.guidance_rescale if rescale is None else float(rescale)
+        args.guidance_min_sigma = float(extra.get(NGMS, 0))
+        args.guidance_min_sigma_all_steps = extra.get(NGMS_ALL, "False") == "True"
     except ValueError as e:
         raise UsageError(f"cannot replay --from-png {args.from_png}: {e}") from None
     ignored = sorted(set(extra) - _REPLAYED)
@@ -386,7 +398,8 @@ def check_against_model(args, pipe) -> tuple[int, int]:
 def recipe(args, height: int | None, width: int | None) -> GenerateConfig:
     """The job's settings as the library's config (strength and mask blur only where they apply)."""
     return GenerateConfig(args.negative_prompt, args.steps, args.scale, args.sampler, args.eta, args.scheduler,
-                          args.clip_skip, args.guidance_rescale, width, height, args.precision,
+                          args.clip_skip, args.guidance_rescale, args.guidance_min_sigma,
+                          args.guidance_min_sigma_all_steps, width, height, args.precision,
                           strength=args.strength, mask_blur=args.mask_blur)
 
 

@@ -48,6 +48,7 @@ class Sampler:
         self.alphas_cumprod = schedules.alphas_cumprod(config, sigma_space=self.family != "discrete")  # (T,) float32, CPU
         self.timesteps = None
         self.sigmas = None
+        self.sigma_list: list[float] = []  # σ per step, then 0, as host floats: per-step choices read no tensor
         self._timestep_list = []
         self._step_index = None
 
@@ -55,6 +56,7 @@ class Sampler:
         schedule = schedules.plan(self.config, num_inference_steps, self.scheduler, self.family)
         self.timesteps = schedule.timesteps.to(device)
         self.sigmas = schedule.sigmas  # (n + 1,) float32, CPU
+        self.sigma_list = schedule.sigmas.tolist()
         self._timestep_list = schedule.timesteps.tolist()
         self._step_index = None
         self._prepare(schedule.timesteps, schedule.sigmas)

@@ -55,9 +55,13 @@ def settings(req: Txt2Img, notes: list[str], *, init: bool) -> GenerateConfig:
     clip_skip = req.override_settings.get("CLIP_stop_at_last_layers", DEFAULTS.clip_skip)
     if not isinstance(clip_skip, int) or clip_skip < 1:
         raise HTTPException(422, f"override_settings CLIP_stop_at_last_layers must be a whole number ≥ 1, got {clip_skip!r}")
+    all_steps = req.override_settings.get("s_min_uncond_all")
+    if all_steps is not None and not isinstance(all_steps, bool):
+        raise HTTPException(422, f"override_settings s_min_uncond_all must be true or false, got {all_steps!r}")
     strength = req.denoising_strength if init and req.denoising_strength else DEFAULTS.strength
     return GenerateConfig(req.negative_prompt, req.steps, req.cfg_scale, sampler, eta, schedule, clip_skip,
-                          DEFAULTS.guidance_rescale, size[0], size[1], strength=strength,
+                          guidance_min_sigma=req.s_min_uncond, guidance_min_sigma_all_steps=all_steps,
+                          width=size[0], height=size[1], strength=strength,
                           mask_blur=getattr(req, "mask_blur", DEFAULTS.mask_blur))
 
 

@@ -19,7 +19,7 @@ MAX_BATCH, MAX_ITER, MAX_STEPS = 16, 100, 500
 UNHONOURED = {
     "enable_hr": (False,), "restore_faces": (False, None), "tiling": (False, None), "subseed_strength": (0, None),
     "styles": ([], None), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
-    "s_churn": (0, None), "s_tmax": (0, None), "s_tmin": (0, None), "s_noise": (1, None), "s_min_uncond": (0, None),
+    "s_churn": (0, None), "s_tmax": (0, None), "s_tmin": (0, None), "s_noise": (1, None),
     "seed_resize_from_h": (0, -1, None), "seed_resize_from_w": (0, -1, None), "image_cfg_scale": None,
     "resize_mode": (0, None), "initial_noise_multiplier": (1, None), "inpainting_mask_invert": (0, False, None),
     "refiner_checkpoint": (None, ""), "refiner_switch_at": None, "disable_extra_networks": (False, None),
@@ -32,7 +32,8 @@ UNHONOURED = {
     # image-to-image settings of A1111's inpainting that latentdiff's inpainting does in its own way
     "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
 }
-OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip"}  # override_settings keys that are honoured
+# override_settings keys that are honoured
+OVERRIDES = {"CLIP_stop_at_last_layers": "clip_skip", "s_min_uncond_all": "guidance_min_sigma_all_steps"}
 
 
 class Txt2Img(BaseModel):
@@ -51,6 +52,7 @@ class Txt2Img(BaseModel):
     height: int | None = Field(None, ge=8, le=MAX_SIDE)
     eta: float | None = Field(None, ge=0, le=1)  # DDIM's; A1111's ancestral eta is 1, the only one "Euler a" runs
     denoising_strength: float | None = Field(None, gt=0, le=1)  # image-to-image only
+    s_min_uncond: float | None = Field(None, ge=0, allow_inf_nan=False)  # NGMS; None: the model's own
     save_images: bool = False
     send_images: bool = True
     override_settings: dict = {}

@@ -167,7 +167,7 @@ def test_embeddings_and_lora_tags_from_their_folders(api, pipe, serve_folders):
     assert "Lora hashes: \"ink: " in r.info["infotexts"][0]
 
 
-def test_model_switch_and_failures_keep_the_server_serving(api, pipe, server):
+def test_model_switch_and_failures_keep_the_server_serving(api, pipe, server, serve_folders):
     api.set_options({"sd_model_checkpoint": "shapes-copy"})
     assert api.get_options()["sd_model_checkpoint"] == "shapes-copy"
     r = api.txt2img(prompt="a red square", seed=4, width=SIZE, height=SIZE)
@@ -175,7 +175,8 @@ def test_model_switch_and_failures_keep_the_server_serving(api, pipe, server):
                progress=False).images[0]
     assert np.array_equal(pixels(r.images[0]), ref) and "Model: shapes-copy" in r.info["infotexts"][0]
     bad = requests.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "broken.safetensors"})
-    assert bad.status_code == 422 and "broken.safetensors" in bad.json()["detail"]
+    assert bad.status_code == 422 and "--models-dir/broken.safetensors" in bad.json()["detail"]
+    assert str(serve_folders) not in bad.text
     assert api.get_options()["sd_model_checkpoint"] == "shapes-copy"  # the old model stays
     api.set_options({"sd_model_checkpoint": "default"})
 
@@ -198,6 +199,8 @@ def test_paths_outside_the_folders_are_refused(server, serve_folders):
     for tag in ("<lora:../secret:1>", "<lora:/etc/passwd:1>", "<lora:*:1>", "<lora:missing:1>"):
         r = post("txt2img", {"prompt": f"{tag} a red circle", "steps": 1, "width": 64, "height": 64})
         assert r.status_code == 400, tag
+    # errors name the server's folders by their flags, never by their paths on its disk
+    assert "no LoRA named 'missing' in --lora-dir" in r.json()["detail"] and str(serve_folders) not in r.text
 
 
 def test_bad_input_is_a_4xx_naming_the_field(server):

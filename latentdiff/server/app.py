@@ -87,10 +87,10 @@ class Server:
         except HTTPException:  # the request's own fault (4xx), raised in the job
             raise
         except ModelError as e:
-            raise HTTPException(500, f"{name} failed: {e}") from None
+            raise HTTPException(500, self.catalog.public(f"{name} failed: {e}")) from None
         except Exception as e:
             logger.exception("%s failed", name)
-            raise HTTPException(500, f"{name} failed: {e.__class__.__name__}: {e}") from None
+            raise HTTPException(500, self.catalog.public(f"{name} failed: {e.__class__.__name__}: {e}")) from None
 
     def generate(self, req: Txt2Img, kind: str, **images):
         return self.run(kind, generation_job(req, self.catalog, self.settings.outdir, kind=kind, **images))
@@ -105,7 +105,7 @@ class Server:
             try:
                 worker.pipe = self.catalog.load(entry)
             except ModelError as e:  # a file that is not a model: the client named it, a 422
-                raise HTTPException(422, str(e)) from None
+                raise HTTPException(422, self.catalog.public(str(e))) from None
             worker.model_title = entry.title
 
         return self.run("load model", load)

@@ -11,7 +11,7 @@ from fastapi import HTTPException
 
 from ..adapters import LORA_SUFFIXES, embedding_files, find_lora, lora_tags
 from ..generation import load_model
-from ..pipeline import MODEL_SUFFIXES
+from ..pipeline import DEFAULT_MODEL, MODEL_SUFFIXES
 
 DEFAULT_TITLE = "default"  # the shipped model
 _HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # A1111 titles end in " [short hash]"
@@ -58,6 +58,16 @@ class Catalog:
             raise HTTPException(404, f"no model named {name!r}; expected one of: {', '.join(e.title for e in entries)}")
         return match
 
+    def public(self, text: str) -> str:
+        """`text` (an error a client will read) with the server's folders named by their flags and the shipped model
+        by its title: a client learns no path of the server's disk."""
+        folders = [("--models-dir", self.models_dir), ("--lora-dir", self.lora_dir),
+                   ("--embeddings-dir", self.embeddings_dir), (DEFAULT_TITLE, DEFAULT_MODEL)]
+        for name, folder in folders:
+            for spelling in {str(folder.resolve()), str(folder)} if folder is not None else ():
+                text = text.replace(spelling, name)
+        return text
+
     def load(self, entry: ModelEntry):
         """The pipeline of a model entry, with every embedding of the embeddings folder loaded (as A1111 does)."""
         pipe = load_model(entry.path)
@@ -78,7 +88,7 @@ class Catalog:
                 raise ValueError(f"the prompt names <lora:{next(iter(tags))}> but the server has no --lora-dir")
             return {name: find_lora(name, self.lora_dir) for name in tags}
         except ValueError as e:
-            raise HTTPException(400, str(e).rstrip(".")) from None
+            raise HTTPException(400, self.public(str(e)).rstrip(".")) from None
 
     def embedding_files(self) -> list[Path]:
         return embedding_files(self.embeddings_dir) if self.embeddings_dir is not None else []

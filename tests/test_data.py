@@ -76,6 +76,12 @@ def test_caption_grammar():
     (["--n", "3", "--shape-weights", "triangle"], "shape weight 'triangle' must look like shape=number"),
     (["--n", "3", "--shape-weights", "cross=2"], "a weight is given for 'cross', which is not among the shapes"),
     (["--n", "3", "--shape-weights", "star=0"], "the weight of 'star' must be a positive number, got 0.0"),
+    (["--n", "3", "--shape-sizes", "star=0.4"], "shape size 'star=0.4' must look like shape=low:high"),
+    (["--n", "3", "--shape-sizes", "star=a:b"], "shape size 'star=a:b' must look like shape=low:high"),
+    (["--n", "3", "--shape-sizes", "cross=0.3:0.4"], "a size is given for 'cross', which is not among the shapes"),
+    (["--n", "3", "--shape-sizes", "star=0.4:0.3"], "the size of 'star' must satisfy 0 < low <= high <= 0.5"),
+    (["--n", "3", "--shape-sizes", "star=0.3:0.6"], "the size of 'star' must satisfy 0 < low <= high <= 0.5"),
+    (["--n", "3", "--shape-sizes", "star=0:0.3"], "the size of 'star' must satisfy 0 < low <= high <= 0.5"),
 ])
 def test_make_shapes_cli_rejects_bad_args(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -95,9 +101,31 @@ def test_shape_weights_draw_more_of_a_shape(tmp_path):
     assert 74 <= count["even"] <= 126 and 170 <= count["more"] <= 230
 
 
+def test_shape_sizes_keep_a_shape_to_its_range(tmp_path):
+    def areas(folder):  # foreground pixels per image, by shape (the background color differs from the shape's)
+        found = {}
+        for path, text in scan_captioned_images(folder):
+            color, shape, _ = parse_caption(text)
+            pixels = np.asarray(Image.open(path), int)
+            found.setdefault(shape, []).append(int((np.abs(pixels - COLORS[color]).sum(-1) < 60).sum()))
+        return found
+
+    make_shapes(tmp_path / "even", 200, seed=5)
+    make_shapes(tmp_path / "sized", 200, seed=5, shape_sizes={"star": (0.2, 0.2), "circle": (0.45, 0.45)})
+    even, sized = areas(tmp_path / "even"), areas(tmp_path / "sized")
+    # a disc of radius 0.45 * 64 px covers 2606 px; a star of circumradius r = 0.2 * 64 px ~ 1.18 r^2 = 193 px
+    # (its anti-aliased rim, a larger share of a small shape, falls outside the color threshold)
+    assert all(abs(a - 2606) < 100 for a in sized["circle"]) and all(abs(a - 185) < 40 for a in sized["star"])
+    assert sized["square"] == even["square"] and sized["triangle"] == even["triangle"]  # the other shapes untouched
+    assert np.ptp(even["star"]) > 300  # by default stars come in every size of 0.30-0.45
+
+
 def test_make_shapes_cli(tmp_path):
     assert make_shapes_main([str(tmp_path), "--n", "5", "--colors", "red,pink=#ff69b4", "--shapes", "cross"]) == 0
     assert len(scan_captioned_images(tmp_path)) == 5
+    assert make_shapes_main([str(tmp_path / "sized"), "--n", "3", "--shape-sizes", "star=0.3:0.3,circle=0.2:0.25"]) == 0
+    make_shapes(tmp_path / "api", 3, shape_sizes={"star": (0.3, 0.3), "circle": (0.2, 0.25)})
+    assert _read(tmp_path / "sized") == _read(tmp_path / "api")
 
 
 # --- readers ------------------------------------------------------------------------------------

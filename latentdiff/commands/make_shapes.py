@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any, Callable
 
-from ..data.shapes import COLORS, HOLDOUT, SHAPE_DRAWERS, SHAPES, allowed_pairs, check_args, make_shapes
+from ..data.shapes import (COLORS, HOLDOUT, SHAPE_DRAWERS, SHAPES, SIZE_RANGE, allowed_pairs, check_args,
+                           make_shapes)
 
 
 def _parse_colors(spec: str) -> dict[str, tuple[int, int, int]]:
@@ -25,16 +27,23 @@ def _parse_colors(spec: str) -> dict[str, tuple[int, int, int]]:
     return colors
 
 
-def _parse_weights(spec: str) -> dict[str, float]:
-    """`triangle=2,square=1.5` → {"triangle": 2.0, "square": 1.5}."""
-    weights = {}
+def _parse_per_shape(spec: str, what: str, form: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """`triangle=2,square=1.5` → {"triangle": parse("2"), "square": parse("1.5")}."""
+    values = {}
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
         try:
-            weights[name] = float(value)
+            values[name] = parse(value)
         except ValueError:
-            raise ValueError(f"shape weight {item!r} must look like shape=number.") from None
-    return weights
+            raise ValueError(f"shape {what} {item!r} must look like {form}.") from None
+    return values
+
+
+def _parse_range(value: str) -> tuple[float, float]:
+    low, sep, high = value.partition(":")
+    if not sep:
+        raise ValueError(value)
+    return float(low), float(high)
 
 
 def main(argv: list[str]) -> int:
@@ -49,14 +58,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--include-holdout", action="store_true", help="also draw the held-out (color, shape) pairs")
     parser.add_argument("--shape-weights", default="",
                         help="comma list shape=weight (default 1 each): e.g. triangle=2 draws twice as many triangles")
+    parser.add_argument("--shape-sizes", default="",
+                        help="comma list shape=low:high, the circumradius as a fraction of the side (default "
+                             f"{SIZE_RANGE[0]}:{SIZE_RANGE[1]} each): e.g. star=0.33:0.40")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering images (same files for any number)")
     args = parser.parse_args(argv)
     try:
         colors = _parse_colors(args.colors)
         shapes = tuple(filter(None, args.shapes.split(",")))
-        weights = _parse_weights(args.shape_weights)
+        weights = _parse_per_shape(args.shape_weights, "weight", "shape=number", float)
+        sizes = _parse_per_shape(args.shape_sizes, "size", "shape=low:high", _parse_range)
         check_args(args.n, args.size, colors, shapes,
-                   allowed_pairs(colors, shapes, HOLDOUT, args.include_holdout), weights)
+                   allowed_pairs(colors, shapes, HOLDOUT, args.include_holdout), weights, sizes)
     except ValueError as err:
         parser.error(str(err))  # exits 2
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
@@ -65,6 +78,6 @@ def main(argv: list[str]) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}.")
     written = make_shapes(args.outdir, args.n, args.seed, size=args.size, colors=colors, shapes=shapes,
                           include_holdout=args.include_holdout, shape_weights=weights,
-                          workers=args.workers)
+                          shape_sizes=sizes, workers=args.workers)
     print(f"wrote {written} images and metadata.jsonl to {args.outdir}")
     return 0

@@ -38,6 +38,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 HOLDOUT = (("red", "star"), ("blue", "triangle"), ("yellow", "square"), ("purple", "circle"))
 
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like a real photo's
+SIZE_RANGE = (0.30, 0.45)  # circumradius as a fraction of the side, drawn uniformly
 STAR_INNER_RATIO = 0.4  # inner/outer radius: clearly non-convex (solidity ~0.49)
 CROSS_ARM_RATIO = 0.3  # arm half-width / arm reach of the plus sign (solidity ~0.68)
 
@@ -115,10 +116,11 @@ def all_prompts(include_holdout: bool = True, *, colors=COLORS, shapes=SHAPES, h
     return prompts
 
 
-def render(color, shape, background, rng: np.random.Generator, *, size=64, colors=COLORS) -> Image.Image:
-    """One image: random circumradius (30-45% of the side), position (fully inside), rotation."""
+def render(color, shape, background, rng: np.random.Generator, *, size=64, colors=COLORS,
+           size_range=SIZE_RANGE) -> Image.Image:
+    """One image: random circumradius (a fraction of the side in `size_range`), position (fully inside), rotation."""
     big = size * SUPERSAMPLE
-    r = rng.uniform(0.30, 0.45) * big
+    r = rng.uniform(*size_range) * big
     cx, cy = rng.uniform(r, big - r, size=2)
     angle = rng.uniform(0, 2 * math.pi)
     image = Image.new("RGB", (big, big), colors[background])
@@ -136,7 +138,7 @@ def allowed_pairs(colors, shapes, holdout, include_holdout) -> list[tuple[str, s
     return [(c, s) for c in colors for s in shapes if include_holdout or (c, s) not in held]
 
 
-def check_args(n, size, colors, shapes, pairs, shape_weights=None) -> None:
+def check_args(n, size, colors, shapes, pairs, shape_weights=None, shape_sizes=None) -> None:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     if size < 8:
@@ -153,20 +155,27 @@ def check_args(n, size, colors, shapes, pairs, shape_weights=None) -> None:
             raise ValueError(f"a weight is given for {shape!r}, which is not among the shapes {', '.join(shapes)}.")
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"the weight of {shape!r} must be a positive number, got {weight}.")
+    for shape, (low, high) in (shape_sizes or {}).items():
+        if shape not in shapes:
+            raise ValueError(f"a size is given for {shape!r}, which is not among the shapes {', '.join(shapes)}.")
+        if not 0 < low <= high <= 0.5:  # beyond half the side the shape cannot fit inside the image
+            raise ValueError(f"the size of {shape!r} must satisfy 0 < low <= high <= 0.5 (fractions of the side), "
+                             f"got {low}:{high}.")
 
 
 def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes=SHAPES,
                 holdout=HOLDOUT, include_holdout=False, shape_weights: dict[str, float] | None = None,
-                workers: int = 1) -> int:
+                shape_sizes: dict[str, tuple[float, float]] | None = None, workers: int = 1) -> int:
     """Write `n` images + metadata.jsonl (diffusers imagefolder layout) to `outdir`; returns n.
 
     (color, shape) pairs are drawn uniformly, or in proportion to `shape_weights` (default 1 per shape): more of
-    the shapes a model finds hard. Image i depends only on (seed, i), so a rerun rewrites identical bytes and
+    the shapes a model finds hard. A shape's circumradius is drawn from `shape_sizes[shape]` (fractions of the side;
+    default SIZE_RANGE): keep a shape to the sizes at which a small model resolves it. Image i depends only on (seed, i), so a rerun rewrites identical bytes and
     `workers` processes write the same files as one.
     metadata.jsonl is removed first and written last: a folder without it is an unfinished run.
     """
     pairs = allowed_pairs(colors, shapes, holdout, include_holdout)
-    check_args(n, size, colors, shapes, pairs, shape_weights)
+    check_args(n, size, colors, shapes, pairs, shape_weights, shape_sizes)
     p = None
     if shape_weights:
         weights = np.array([shape_weights.get(shape, 1.0) for _, shape in pairs])
@@ -174,7 +183,7 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "metadata.jsonl").unlink(missing_ok=True)
-    write = functools.partial(_write_image, outdir, seed, pairs, p, size, colors)
+    write = functools.partial(_write_image, outdir, seed, pairs, p, size, colors, shape_sizes or {})
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             lines = list(pool.map(write, range(n), chunksize=256))
@@ -184,13 +193,14 @@ def make_shapes(outdir, n: int, seed: int = 0, *, size=64, colors=COLORS, shapes
     return n
 
 
-def _write_image(outdir: Path, seed: int, pairs, p, size: int, colors, i: int) -> str:
+def _write_image(outdir: Path, seed: int, pairs, p, size: int, colors, shape_sizes, i: int) -> str:
     """Render and write image i; returns its metadata.jsonl line."""
     rng = np.random.default_rng([seed, i])
     color, shape = pairs[rng.integers(len(pairs)) if p is None else rng.choice(len(pairs), p=p)]
     backgrounds = [b for b in colors if b != color]
     background = backgrounds[rng.integers(len(backgrounds))]
-    image = render(color, shape, background, rng, size=size, colors=colors)
+    image = render(color, shape, background, rng, size=size, colors=colors,
+                   size_range=shape_sizes.get(shape, SIZE_RANGE))
     name = f"{i:05d}.png"
     png = io.BytesIO()
     image.save(png, format="PNG")

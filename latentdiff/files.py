@@ -177,7 +177,8 @@ def remove_leftovers(folder) -> list[Path]:
             os.replace(entry, entry.with_name(name[:-4]))  # the complete previous version, whose successor never landed
         elif entry.is_dir() and not entry.is_symlink() and name.endswith((".tmp", ".old")):
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+            if not entry.exists():  # a folder that could not be deleted (busy, permissions) stays, and is not reported
+                removed.append(entry)
         elif _TEMP_FILE.match(name) and (entry.is_file() or entry.is_symlink()) and not _process_alive(_pid(name)):
             entry.unlink(missing_ok=True)
             removed.append(entry)

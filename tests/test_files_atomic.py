@@ -1,8 +1,11 @@
 """files.py: atomic writes (temp file + rename), folder publishing, durability (fsync) and the file hash."""
+import errno
 import hashlib
 import os
+import shutil
 
 import pytest
+from helpers import file_size_limit
 
 from latentdiff import files
 
@@ -32,6 +35,41 @@ def test_atomic_write_bytes_writes_the_bytes_and_leaves_no_temporary_file(tmp_pa
     assert (tmp_path / "a.bin").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
     assert fsyncs == []  # not durable by default: a kill is survived, a power cut need not be
+
+
+def test_a_write_failing_in_write_keeps_the_old_file_and_names_the_target(tmp_path):
+    """A full disk (here a file-size limit) fails inside write(), an error with no file name: it gets the target's."""
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError) as info, file_size_limit(64):
+        files.atomic_write_bytes(target, b"x" * 1000)
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_an_error_about_the_temporary_names_the_target_and_one_about_another_file_keeps_its_name(tmp_path):
+    target = tmp_path / "missing" / "a.bin"
+    with pytest.raises(FileNotFoundError) as info:
+        files.atomic_write_bytes(target, b"x")
+    assert info.value.filename == str(target)  # not the `.a.bin.PID.tmp` nobody asked for
+    source = tmp_path / "no-such-source"
+    with pytest.raises(FileNotFoundError) as info, files.atomic_path(tmp_path / "b.bin") as tmp:
+        shutil.copyfile(source, tmp)
+    assert info.value.filename == str(source)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_create_exclusive_bytes_writes_a_new_file_but_never_replaces_one(tmp_path):
+    target = tmp_path / "00000.png"
+    files.create_exclusive_bytes(str(target), b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(FileExistsError) as info:
+        files.create_exclusive_bytes(target, b"second")
+    assert info.value.filename == str(target) and target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.png"]  # the temporary is gone, after success or failure
+    with pytest.raises(FileNotFoundError) as info:  # nothing was written: the error is about the file, not its cleanup
+        files.create_exclusive_bytes(tmp_path / "missing" / "a.png", b"x")
+    assert info.value.filename == str(tmp_path / "missing" / "a.png")
 
 
 def test_durable_writes_fsync_the_file_and_its_folder(tmp_path, fsyncs):

@@ -1,7 +1,8 @@
 """Classifier-free guidance, both halves: the sampling-time combination and the training-time caption dropout."""
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from latentdiff.guidance import cfg_combine, drop_captions, unconditional_skips
+from latentdiff.guidance import cfg_combine, drop_captions, rescale_guidance, unconditional_skips
 
 
 def test_cfg_combine_is_uncond_plus_scale_times_difference():
@@ -43,3 +44,25 @@ def test_unconditional_skips_follow_a1111s_ngms_rule():
     assert unconditional_skips(sigmas, 1, 1.5, False) == [False, False, False, False, True, False]  # img2img from step 1
     assert unconditional_skips(sigmas, 0, 0.0, True) == [False] * 6  # 0: off
     assert unconditional_skips(sigmas, 0, 100.0, True) == [True] * 6
+
+
+def test_unconditional_skips_threshold_below_one_is_on():
+    """Any σ threshold above 0 turns NGMS on, fractional ones too (the shipped model's is 0.9)."""
+    sigmas = [2.0, 0.8, 0.5, 0.3, 0.0]
+    assert unconditional_skips(sigmas, 0, 0.9, True) == [False, True, True, True]
+    assert unconditional_skips(sigmas, 0, 0.9, False) == [False, True, False, True]
+    assert unconditional_skips(sigmas, 0, -1.0, True) == [False] * 4  # below 0: off as well
+
+
+def test_rescale_guidance_matches_diffusers_rescale_noise_cfg():
+    """Lin et al. 2023 §3.4 as diffusers' StableDiffusionPipeline applies guidance_rescale: per image std over
+    (C, H, W). Images and channels get different spreads, so a std over the wrong axes shows."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([0.5, 3.0]).view(2, 1, 1, 1) * torch.tensor([1.0, 2.0, 4.0, 0.25]).view(1, 4, 1, 1)
+    eps_cond = torch.randn(2, 4, 3, 5, generator=g) * spread
+    eps_cfg = torch.randn(2, 4, 3, 5, generator=g) * spread.flip(0) + 0.3
+    for phi in (0.0, 0.7, 1.0):
+        torch.testing.assert_close(rescale_guidance(eps_cfg, eps_cond, phi), rescale_noise_cfg(eps_cfg, eps_cond, phi),
+                                   atol=1e-6, rtol=1e-6)
+    full = rescale_guidance(eps_cfg, eps_cond, 1.0)  # φ = 1: each image takes the conditional prediction's std
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), eps_cond.std(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)

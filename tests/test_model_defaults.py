@@ -1,8 +1,10 @@
 """A model folder's own sampling settings (latentdiff.json): read, resolved against a call's, written back."""
 import json
+from pathlib import Path
 
 import pytest
 
+import latentdiff
 from latentdiff.errors import ModelError
 from latentdiff.model_defaults import FILE, ModelDefaults
 
@@ -45,3 +47,11 @@ def test_a_bad_file_is_one_sentence_naming_it(tmp_path, content, named):
     with pytest.raises(ModelError, match=f"{FILE} is not a latentdiff model-defaults file \\(.*{named}.*\\); expected a "
                                          "JSON object with guidance_min_sigma"):
         ModelDefaults.read(tmp_path)
+
+
+def test_the_shipped_models_file_is_what_write_produces(tmp_path):
+    """scripts/train_default_model.sh writes latentdiff/default_model/latentdiff.json through save_pretrained; rerunning
+    it must leave the packaged file byte for byte as committed (two-space JSON, one key per line, a final newline)."""
+    shipped = Path(latentdiff.__file__).parent / "default_model" / FILE
+    ModelDefaults.read(shipped.parent).write(tmp_path)
+    assert (tmp_path / FILE).read_text() == shipped.read_text()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -307,6 +308,28 @@ def test_comfyui_step_counts():
     assert schedules.plan(config, 10, "ddim_uniform").timesteps.tolist() == schedules.timesteps(config, 10).tolist()  # = leading, offset 1
     assert schedules.plan(config, 7, "simple").timesteps.tolist() == [999, 857, 714, 571, 428, 285, 142]
     assert schedules.plan(config, 4, "sgm_uniform", "euler").timesteps.tolist() == [999.0, 749.25, 499.5, 249.75]
+    dpm = schedules.plan(config, 4, "sgm_uniform", "dpm").timesteps  # rounded half to even, int64 as DPM-Solver's
+    assert dpm.dtype == torch.int64 and dpm.tolist() == [999, 749, 500, 250]
+
+
+def test_sigma_timestep_conversions_match_their_references_beyond_the_table_too():
+    """sigma_to_t is diffusers' _sigma_to_t (t clipped to 0 … T−1), linear_sigma numpy's interp, log_linear_sigma
+    ComfyUI's ModelSamplingDiscrete.sigma (t clamped) — at, between and past the ends of the table."""
+    config = ScheduleConfig()
+    table = schedules.sigma_table(schedules.alphas_cumprod(config))
+    lo, hi = table[0].item(), table[-1].item()
+    sigma = torch.tensor([lo / 2, lo, (lo + table[1].item()) / 2, table[500].item() * 1.01, hi * 0.9999, hi, 2 * hi], dtype=torch.float64)
+    ref = EulerDiscreteScheduler.from_config(config.to_diffusers())
+    # The same log σ table for both: np.log and torch.log of float32 differ by an ulp on some CPUs (1e-5 in t).
+    want = torch.from_numpy(ref._sigma_to_t(sigma.numpy(), table.log().numpy()))
+    torch.testing.assert_close(schedules.sigma_to_t(sigma, table), want, atol=1e-9, rtol=0)
+    assert want[0] == 0 and want[-1] == 999
+    t = torch.tensor([0, 0.5, 1, 500.25, 998.5, 999], dtype=torch.float64)
+    want = torch.from_numpy(np.interp(t.numpy(), np.arange(1000), table.double().numpy()))
+    torch.testing.assert_close(schedules.linear_sigma(t, table), want, atol=0, rtol=1e-12)
+    t = torch.tensor([-3, 0, 0.5, 500.25, 999, 1000.5, 1200])
+    torch.testing.assert_close(schedules.log_linear_sigma(t, table).float(), ComfyModelSampling(schedules.alphas_cumprod(config)).sigma(t),
+                               atol=0, rtol=1e-6)
 
 
 # --- Whole loops against k-diffusion's samplers ---------------------------------------------------------------------
@@ -409,10 +432,12 @@ def test_unhonoured_keys_are_named_in_one_warning(caplog):
         assert ScheduleConfig.from_diffusers(odd) == ScheduleConfig()
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    for key in ("use_beta_sigmas=True", "thresholding=True", "final_sigmas_type='sigma_min'", "timestep_type='continuous'",
-                "interpolation_type='log_linear'", "sigma_min=0.1", "use_lu_lambdas=True", "solver_order=3"):
-        assert key in message
-    with pytest.raises(ValueError, match="both use_karras_sigmas and use_exponential_sigmas"):
+    head, tail = "scheduler config: latentdiff does not honour ", "; sampling may differ from diffusers' with this config."
+    assert message.startswith(head) and message.endswith(tail)
+    assert set(message[len(head):-len(tail)].split(", ")) == {
+        "use_beta_sigmas=True", "thresholding=True", "final_sigmas_type='sigma_min'", "timestep_type='continuous'",
+        "interpolation_type='log_linear'", "sigma_min=0.1", "use_lu_lambdas=True", "solver_order=3"}
+    with pytest.raises(ValueError, match=r"^scheduler config sets both use_karras_sigmas and use_exponential_sigmas; expected at most one\.$"):
         ScheduleConfig.from_diffusers({**sd, "use_karras_sigmas": True, "use_exponential_sigmas": True})
 
 
@@ -459,6 +484,51 @@ def test_duplicate_rounded_timesteps_take_the_second_as_diffusers():
     ref.set_timesteps(200)
     assert ref.timesteps.tolist() == ts
     assert ours._index(torch.tensor(repeated)) == ref.index_for_timestep(torch.tensor(repeated))
+    # add_noise too: at a timestep repeated twice (7, 5) or more (4, 3, 2, 1, 0) the second one's σ, as diffusers'
+    repeats = torch.tensor(sorted({t for t in ts if ts.count(t) > 1}))
+    assert {ts.count(t) for t in repeats.tolist()} >= {2, 3}
+    x0, noise = torch.zeros(len(repeats), 1), torch.ones(len(repeats), 1)
+    torch.testing.assert_close(ours.add_noise(x0, noise, repeats), ref.add_noise(x0, noise, repeats), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_add_noise_off_the_schedule_uses_the_training_sigma(name):
+    """A t that is not one of the run's timesteps (any t before set_timesteps) noises to the training σ_t: that of
+    diffusers' EulerDiscreteScheduler before set_timesteps at integer t, linear in σ between them (np.interp)."""
+    config = ScheduleConfig()
+    ref = EulerDiscreteScheduler.from_config(config.to_diffusers())  # before set_timesteps: all T training steps
+    t_int, t_frac = torch.tensor([0, 2, 500, 998, 999]), torch.tensor([0.5, 500.25, 998.5])
+    want = torch.cat([ref.add_noise(torch.zeros(5, 1), torch.ones(5, 1), t_int)[:, 0],
+                      torch.from_numpy(np.interp(t_frac.numpy(), np.arange(1000), ref.sigmas.flip(0)[1:].numpy())).float()])
+    if name == "dpmpp_2m":  # variance preserving: x_t = α x_0 + α σ ε, α = 1/√(σ² + 1)
+        want = want / (want.double() ** 2 + 1).sqrt().float()
+    sampler = get_sampler(name, config)
+    for scheduled in (False, True):
+        if scheduled:
+            sampler.set_timesteps(STEPS)
+            assert not set(sampler.timesteps.tolist()) & set(t_int.tolist() + t_frac.tolist())
+        got = torch.cat([sampler.add_noise(torch.zeros(len(t), 1), torch.ones(len(t), 1), t)[:, 0] for t in (t_int, t_frac)])
+        torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,scheduler,config_name", [("euler", "karras", "sd"), ("dpmpp_2m", "exponential", "sd"),
+                                                        ("euler_ancestral", "normal", "zero-snr"), ("ddim", "simple", "zero-snr"),
+                                                        ("ddim", "normal", "zero-snr"), ("ddpm", "ddim_uniform", "sd"),
+                                                        ("ddpm", "normal", "zero-snr")])
+def test_sigma_list_is_each_steps_noise_level_then_zero(name, scheduler, config_name):
+    """What the pipeline's guidance_min_sigma reads, as host floats: diffusers' σ schedule for the σ-space samplers,
+    σ_t = √((1 − ᾱ_t)/ᾱ_t) of diffusers' own ᾱ for DDIM/DDPM (∞ at ᾱ_T = 0: zero SNR keeps ᾱ_T = 0 there)."""
+    config = CONFIGS[config_name]
+    ours = get_sampler(name, config, scheduler=scheduler)
+    ours.set_timesteps(STEPS)
+    ref = oracle(name, config, scheduler, ours)
+    if name in ("ddim", "ddpm"):
+        a = ref.alphas_cumprod[ours.timesteps].double()
+        want = torch.cat([((1 - a) / a).sqrt(), a.new_zeros(1)])
+    else:
+        want = ref.sigmas.double()
+    assert isinstance(ours.sigma_list, list) and len(ours.sigma_list) == len(ours.timesteps) + 1
+    torch.testing.assert_close(torch.tensor(ours.sigma_list, dtype=torch.float64), want, atol=0, rtol=1e-6)
 
 
 SYNCING = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")  # tests/test_device_policy.py

@@ -52,6 +52,34 @@ def test_trailing_newlines_are_ignored_but_the_parameters_line_must_be_last():
         GenerationParams.from_text("")
 
 
+def test_quoted_values_written_by_an_older_latentdiff_are_read():
+    """latentdiff once quoted as '"' + v.replace('"', '\\"') + '"' (backslashes unescaped): not JSON when the value has a
+    backslash, such as a Windows path, yet read back as written."""
+    text = 'a cat\nSteps: 20, Lora: "C:\\loras\\ink.safetensors, 0.8", Note: "say \\"hi\\", C:\\dir"'
+    assert GenerationParams.from_text(text).extra == {"Lora": "C:\\loras\\ink.safetensors, 0.8", "Note": 'say "hi", C:\\dir'}
+
+
+def test_a1111s_old_combined_sampler_name_reads_as_sampler_and_schedule_type():
+    """Before A1111 1.9 the schedule was part of the sampler's name; it means what the newer separate fields mean."""
+    old = GenerationParams.from_text("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1")
+    new = GenerationParams.from_text("a cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Schedule type: Karras")
+    assert old == new and (old.sampler, old.extra) == ("dpmpp_2m", {"Schedule type": "Karras"})
+
+
+def test_a_schedule_type_field_wins_over_the_one_in_a_combined_sampler_name():
+    """A text with both (hand-edited, or another tool's) keeps its own Schedule type: the combined name's schedule
+    only fills the field in when it is missing, it never overwrites it."""
+    p = GenerationParams.from_text("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, Seed: 1, Schedule type: Exponential")
+    assert (p.sampler, p.extra) == ("dpmpp_2m", {"Schedule type": "Exponential"})
+
+
+def test_a_sampler_latentdiff_lacks_is_written_back_as_given():
+    """Another tool's PNG ("DPM++ SDE", not one of latentdiff's samplers) keeps its sampler when saved again."""
+    p = GenerationParams.from_text("a cat\nSteps: 20, Sampler: DPM++ SDE, Seed: 3")
+    assert p.sampler == "DPM++ SDE" and "Steps: 20, Sampler: DPM++ SDE, " in p.to_text()
+    assert GenerationParams.from_text(p.to_text()) == p
+
+
 def test_write_png_without_parameters_writes_a_plain_png(tmp_path):
     write_png(tmp_path / "plain.png", Image.new("RGB", (4, 4), (255, 0, 0)))
     with Image.open(tmp_path / "plain.png") as im:

@@ -52,7 +52,8 @@ CONFIGS = {
     "cosine-leading": ScheduleConfig(beta_schedule="squaredcos_cap_v2"),
 }
 
-CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.5}), ("dpmpp_2m", {}), ("euler", {}), ("euler_ancestral", {})]
+CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.5}), ("ddim", {"eta": 1.0}), ("dpmpp_2m", {}), ("euler", {}),
+         ("euler_ancestral", {})]  # DDIM's eta: 1, its upper bound, is DDPM's posterior variance (Song et al. 2021 eq. 16)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 
@@ -147,6 +148,22 @@ def test_get_sampler_options():
         get_sampler("euler", ScheduleConfig(), eta=0.5)
     assert from_a1111("Euler a") == "euler_ancestral" and from_a1111("DPM++ 2M") == "dpmpp_2m"
     assert from_a1111("dpmpp_2m") == "dpmpp_2m"
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_eta_outside_zero_one_is_refused(eta):
+    # above 1, 1 − ᾱ_{t'} − σ_t² turns negative and the update is NaN
+    with pytest.raises(ValueError, match=rf"^eta must be between 0 \(deterministic\) and 1 \(DDPM-like\), got {eta}\.$"):
+        get_sampler("ddim", ScheduleConfig(), eta=eta)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_sampler_built_without_a_schedule_runs_diffusers_own(name):
+    """The classes default to the "normal" schedule (the timesteps of the config's spacing), as get_sampler does."""
+    bare, ref = SAMPLERS[name].cls(ScheduleConfig()), oracle(name, ScheduleConfig())
+    bare.set_timesteps(STEPS)
+    ref.set_timesteps(STEPS)
+    assert bare.scheduler == "normal" and bare.timesteps.tolist() == ref.timesteps.long().tolist()
 
 
 def test_randn_matches_diffusers_and_is_per_element():

@@ -2,6 +2,7 @@
 boundaries, dtypes and devices (float32 tables whatever the default dtype; tensors follow the data's device, checked
 on PyTorch's "meta" device), per-image noise drawn on the CPU, which steps draw noise at all, and error messages."""
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 from latentdiff.schedulers import (SAMPLERS, ScheduleConfig, check_sampler, from_a1111, from_a1111_combined, get_sampler,
-                                   schedules)
+                                   schedule_from_a1111, schedules)
 from latentdiff.schedulers.base import randn
 
 SHAPE = (2, 4, 8, 8)
@@ -41,6 +42,7 @@ def default_dtype(dtype):
     (dict(beta_start=0.0), r"^beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got 0\.0, 0\.012\.$"),
     (dict(beta_start=0.02, beta_end=0.01), "beta_start and beta_end must satisfy"),
     (dict(beta_end=1.0), r"got 0\.00085, 1\.0\.$"),
+    (dict(rescale_betas_zero_snr=1), r"^rescale_betas_zero_snr must be true or false, got 1\.$"),
 ])
 def test_schedule_config_refuses_out_of_range_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -54,12 +56,26 @@ def test_schedule_config_accepts_its_boundaries():
     ScheduleConfig(beta_start=1e-9, beta_end=0.999)
 
 
+def test_trained_betas_lie_in_zero_to_one_one_included():
+    """β_T = 1 is what zero terminal SNR makes of the last step, so such a schedule can be given as trained_betas;
+    β = 0 (no noise added) or β > 1 is no noise schedule."""
+    zero = ScheduleConfig(rescale_betas_zero_snr=True)
+    betas = schedules.betas(zero).tolist()
+    assert betas[-1] == 1.0
+    trained = ScheduleConfig(trained_betas=betas)
+    torch.testing.assert_close(schedules.alphas_cumprod(trained), schedules.alphas_cumprod(zero), atol=0, rtol=0)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"^trained_betas must hold num_train_timesteps \(1000\) values in \(0, 1\], got 1000 values\.$"):
+            ScheduleConfig(trained_betas=betas[:-1] + [bad])
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 
-@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
-def test_beta_tables_are_float32_whatever_the_default_dtype(schedule):
-    config = ScheduleConfig(beta_schedule=schedule)
+@pytest.mark.parametrize("config", [ScheduleConfig(beta_schedule=s) for s in ("linear", "scaled_linear", "squaredcos_cap_v2")]
+                         + [ScheduleConfig(trained_betas=np.linspace(1e-4, 0.02, 1000).tolist())],
+                         ids=["linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas"])
+def test_beta_tables_are_float32_whatever_the_default_dtype(config):
     expected = schedules.betas(config)
     with default_dtype(torch.float64):
         betas = schedules.betas(config)
@@ -92,6 +108,68 @@ def test_as_many_inference_steps_as_the_timesteps_allow():
     assert sampler.timesteps.tolist() == list(range(9, -1, -1))
 
 
+def test_leading_spacing_allows_the_step_counts_whose_diffusers_timesteps_fit():
+    """steps_offset lifts every leading timestep: the limit is the last step count before diffusers' timesteps leave
+    0 … T−1 (checked for every offset of a 20-step table), 999 for SD's 1000 steps with offset 1."""
+    T = 20
+    for offset in range(T):
+        config = ScheduleConfig(num_train_timesteps=T, steps_offset=offset)
+        n = 0
+        while n < T:
+            ref = DDIMScheduler.from_config(config.to_diffusers())
+            ref.set_timesteps(n + 1)
+            if int(ref.timesteps.max()) > T - 1:
+                break
+            n += 1
+        assert schedules.max_inference_steps(config) == n, offset
+    assert schedules.max_inference_steps(ScheduleConfig()) == 999
+
+
+@pytest.mark.parametrize("n", [True, 7.0])
+def test_step_counts_must_be_integers(n):
+    """True and 7.0 equal 1 and 7 but are no step count: refused in one sentence like 0."""
+    got = re.escape(f"got {n!r}.")
+    with pytest.raises(ValueError, match=rf"^num_inference_steps must be an integer between 1 and 999 for this schedule .*{got}$"):
+        schedules.timesteps(ScheduleConfig(), n)
+    with pytest.raises(ValueError, match=rf"^num_inference_steps must be an integer between 1 and 999 for this sampler and schedule .*{got}$"):
+        schedules.plan(ScheduleConfig(), n)
+
+
+def test_plan_defaults_to_the_normal_schedule_of_ddim_and_ddpm():
+    config = ScheduleConfig()
+    ref = DDIMScheduler.from_config(config.to_diffusers())
+    ref.set_timesteps(10)
+    assert schedules.plan(config, 10).timesteps.tolist() == ref.timesteps.tolist()
+    assert schedules.max_steps(config) == 999  # the leading spacing's limit, not the 1000 of the other schedules
+
+
+def test_plan_names_unknown_families_and_the_schedules_a_family_runs():
+    with pytest.raises(ValueError, match=r"^unknown sampler family 'heun'; expected one of: discrete, euler, dpm\.$"):
+        schedules.plan(ScheduleConfig(), 10, "normal", "heun")
+    with pytest.raises(ValueError, match=r"^the 'karras' noise schedule does not apply to discrete samplers; expected one of: "
+                                         r"normal, simple, ddim_uniform\.$"):
+        schedules.plan(ScheduleConfig(), 10, "karras")
+
+
+def test_img2img_starts_where_diffusers_get_timesteps_does():
+    """int(steps · strength) steps run, the last ones (StableDiffusionImg2ImgPipeline.get_timesteps:
+    t_start = steps − min(int(steps · strength), steps)); values worked by hand, float products truncated as there."""
+    starts = {(1, 1): 0, (10, 1.0): 0, (10, 0.75): 3, (10, 0.5): 5, (10, 0.3): 7, (10, 0.1): 9, (25, 0.3): 18,
+              (50, 0.999): 1, (100, 0.29): 72}  # 100 · 0.29 = 28.999… → 28 steps run
+    assert {key: schedules.start_index(*key) for key in starts} == starts
+    with pytest.raises(ValueError, match=r"^strength 0\.05 runs int\(10 × 0\.05\) = 0 of the 10 steps; raise strength or num_inference_steps$"):
+        schedules.start_index(10, 0.05)  # diffusers would run no step at all
+
+
+def test_strength_outside_zero_to_one_is_refused_in_one_sentence():
+    for strength in (1, 1.0, 0.5, 1e-6):
+        schedules.check_strength(strength)
+    for strength in (0, 0.0, -0.5, 1.0001, 1.5, 2, True, "0.5", None):
+        with pytest.raises(ValueError, match=r"^strength must be a number in \(0, 1\] \(the share of the steps that is run\), "
+                                             rf"got {re.escape(repr(strength))}$"):
+            schedules.check_strength(strength)
+
+
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"])
 def test_every_step_count_is_sampled_or_refused_in_one_sentence_with_sds_schedule(name):
     """SD's leading spacing with steps_offset 1: n = T steps would start at t = T, one past the ᾱ table."""
@@ -120,6 +198,18 @@ def test_forward_process_and_snr_follow_the_datas_device():
     assert schedules.get_velocity(x, x, t, ac).device == META
     assert schedules.snr(t, ac).device == META
     assert schedules.snr(torch.tensor([0, 999]), ac).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
+def test_sigma_space_add_noise_follows_the_datas_device(name):
+    """σ-space samplers look σ up for t wherever t and the schedule live (here the CPU, t on either); the noised
+    sample is on the data's device."""
+    sampler = get_sampler(name, ScheduleConfig(), scheduler="karras")
+    x = torch.zeros(SHAPE, device=META)
+    assert sampler.add_noise(x, x, torch.tensor([0, 999])).device == META  # before set_timesteps: training σ
+    sampler.set_timesteps(5)
+    for t in (sampler.timesteps[[0, 2]], sampler.timesteps[[0, 2]].to(META), torch.tensor([0, 999], device=META)):
+        assert sampler.add_noise(x, x, t).device == META
 
 
 # ------------------------------------------------------------------------------------------------ noise
@@ -221,16 +311,59 @@ def test_step_before_set_timesteps_is_an_error():
             get_sampler(name, ScheduleConfig()).step(torch.zeros(SHAPE), 999, torch.zeros(SHAPE))
 
 
+def test_begin_index_is_a_step_of_the_schedule_and_defaults_to_the_first():
+    ref, ours = get_sampler("ddim", ScheduleConfig()), get_sampler("ddim", ScheduleConfig())
+    with pytest.raises(RuntimeError, match=r"^call set_timesteps\(\) before sampling\.$"):
+        ours.set_begin_index()
+    expected = run(ref, 4, None)
+    ours.set_timesteps(4)
+    for index in (-1, 4):
+        with pytest.raises(ValueError, match=rf"^begin index {index} is outside this sampler's 4 steps\.$"):
+            ours.set_begin_index(index)
+    ours.set_begin_index()
+    x = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(9)) * ours.init_noise_sigma
+    for _ in ours.timesteps:
+        x = ours.step(0.1 * x, ours.timesteps[-1], x)  # t is not read: the count starts at step 0
+    torch.testing.assert_close(x, expected, atol=0, rtol=0)
+
+
+def test_the_first_step_finds_its_timestep_fractional_or_not():
+    """img2img without set_begin_index: an unrounded start (Euler's sgm_uniform, t = 749.25) is found like an
+    integer one, and a t outside the schedule is named as given."""
+    ref, ours = (get_sampler("euler", ScheduleConfig(), scheduler="sgm_uniform") for _ in range(2))
+    for sampler in (ref, ours):
+        sampler.set_timesteps(4)
+    ref.set_begin_index(1)
+    assert ours.timesteps[1].item() == 749.25
+    x_ref = x_ours = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(9))
+    for t in ours.timesteps[1:]:
+        x_ref, x_ours = ref.step(0.1 * x_ref, t, x_ref), ours.step(0.1 * x_ours, t, x_ours)
+    torch.testing.assert_close(x_ours, x_ref, atol=0, rtol=0)
+    ddim = get_sampler("ddim", ScheduleConfig())
+    ddim.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"^timestep 500 is not in this sampler's schedule \[751, 501, 251, 1\]\.$"):
+        ddim.step(torch.zeros(SHAPE), torch.tensor(500), torch.zeros(SHAPE))
+
+
+def test_samplers_built_directly_run_the_normal_schedule_or_name_the_ones_they_run():
+    for spec in SAMPLERS.values():
+        assert spec.cls(ScheduleConfig()).scheduler == "normal"
+    with pytest.raises(ValueError, match=r"^DDIMSampler does not run the 'karras' noise schedule; expected one of: "
+                                         r"normal, simple, ddim_uniform\.$"):
+        SAMPLERS["ddim"].cls(ScheduleConfig(), scheduler="karras")
+
+
 def test_timesteps_go_to_the_requested_device():
     sampler = get_sampler("euler", ScheduleConfig())
     sampler.set_timesteps(4, device=META)
     assert sampler.timesteps.device == META and sampler.timesteps.dtype == torch.int64
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("config", [ScheduleConfig(), ScheduleConfig(timestep_spacing="trailing"),
+                                    ScheduleConfig(timestep_spacing="trailing", rescale_betas_zero_snr=True)],
+                         ids=["leading", "trailing", "zero-snr"])  # zero SNR: ᾱ_T = 2⁻²⁴, σ_max = 4096 (not ∞)
 @pytest.mark.parametrize("name, cls", [("euler", EulerDiscreteScheduler), ("euler_ancestral", EulerAncestralDiscreteScheduler)])
-def test_euler_noise_level_is_defined_before_set_timesteps_as_in_diffusers(name, cls, spacing):
-    config = ScheduleConfig(timestep_spacing=spacing)
+def test_euler_noise_level_is_defined_before_set_timesteps_as_in_diffusers(name, cls, config):
     ours, ref = get_sampler(name, config), cls.from_config(config.to_diffusers())
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
     torch.testing.assert_close(ours.sigmas, ref.sigmas.float(), atol=1e-5, rtol=1e-6)
@@ -261,3 +394,16 @@ def test_a1111_names_map_both_ways():
     assert from_a1111_combined("DPM++ 2M Karras") == ("dpmpp_2m", "karras")  # A1111 before 1.9: one name
     assert from_a1111_combined("k_euler_a") == ("euler_ancestral", None)  # its API's old names
     assert from_a1111_combined("Euler a") == ("euler_ancestral", None)
+
+
+def test_a1111_api_names_and_schedule_types_map_to_ours():
+    assert from_a1111_combined("k_euler") == ("euler", None)
+    assert from_a1111_combined(" K_DPMPP_2M ") == ("dpmpp_2m", None)
+    assert from_a1111_combined("k_lms") == ("k_lms", None)  # not ours: passed through as given, for check_sampler to refuse
+    # A1111's "Schedule type" labels (modules/sd_schedulers.py); "Automatic" is the model's own default
+    a1111 = {"Automatic": None, "Uniform": "normal", "Normal": "normal", "Karras": "karras", "Exponential": "exponential",
+             "SGM Uniform": "sgm_uniform", "Simple": "simple", "DDIM": "ddim_uniform"}
+    for label, schedule in a1111.items():
+        assert schedule_from_a1111(label) == schedule_from_a1111(f" {label.upper()} ") == schedule, label
+    assert schedule_from_a1111("karras") == "karras"  # our own names pass through
+    assert schedule_from_a1111("Beta") == "beta"  # one we lack: named, for the caller to refuse (None would mean Automatic)

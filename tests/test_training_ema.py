@@ -1,5 +1,6 @@
 """training/ema.py: θ_ema ← d·θ_ema + (1 − d)·θ with d = min(decay, (1 + n)/(10 + n)) (the warm-up of diffusers'
 EMAModel without power), float32 shadows, swapping for validation, and a state that resumes bit for bit."""
+import pytest
 import torch
 
 from latentdiff.training.ema import EMA
@@ -78,3 +79,33 @@ def test_loaded_shadows_follow_the_parameters_device():
     on_meta = EMA([torch.nn.Parameter(torch.empty(3, 2, device="meta")), torch.nn.Parameter(torch.empty(4, device="meta"))], 0.9)
     on_meta.load_state_dict(state)
     assert [s.device.type for s in on_meta.shadow] == ["meta", "meta"]
+
+
+def test_load_state_dict_accepts_the_whole_decay_range():
+    """decay in [0, 1) as TrainConfig.ema_decay allows, and a count of 0 (saved before the first update)."""
+    for decay in (0.0, 0.9999):
+        resumed = EMA(params(), decay=0.5)
+        resumed.load_state_dict(EMA(params(), decay=decay).state_dict())
+        assert resumed.decay == decay and resumed.num_updates == 0
+
+
+@pytest.mark.parametrize("decay, num_updates", [(1.0, 3), (1.5, 3), (-0.1, 3), (0.9, -1), (0.9, 2.0)])
+def test_load_state_dict_refuses_an_out_of_range_decay_or_count(decay, num_updates):
+    ema = EMA(params(), decay=0.9)
+    with pytest.raises(ValueError, match=f"^EMA decay {decay!r} or update count {num_updates!r} is out of range$"):
+        ema.load_state_dict({**ema.state_dict(), "decay": decay, "num_updates": num_updates})
+    assert ema.decay == 0.9 and ema.num_updates == 0  # nothing half-loaded
+
+
+@pytest.mark.parametrize("shadow", [
+    lambda s: s[:1],  # fewer tensors than parameters (another LoRA rank or target set), the first one fitting
+    lambda s: s + [torch.zeros(1)],  # more
+    lambda s: [s[0], torch.zeros(5)],  # as many, one of another shape
+    lambda s: [s[0], s[1].tolist()],  # as many, one not a tensor
+], ids=["fewer", "more", "shape", "not-a-tensor"])
+def test_load_state_dict_refuses_weights_of_other_parameters(shadow):
+    ema = EMA(params(), decay=0.9)
+    state = ema.state_dict()
+    with pytest.raises(ValueError, match=r"^the EMA weights do not match the trained parameters \(another model, LoRA "
+                                         r"rank or --train-text-encoder setting\?\)$"):
+        ema.load_state_dict({**state, "shadow": shadow(list(state["shadow"]))})

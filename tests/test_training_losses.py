@@ -105,3 +105,11 @@ def test_min_snr_weights_follow_the_predictions_device():
     pred = torch.zeros(3, 4, 2, 2, device="meta")  # timesteps on the CPU, predictions elsewhere
     loss = diffusion_loss(pred, pred, pred, T, AC, "epsilon", snr_gamma=5.0)
     assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_vae_worst_pixel_term_looks_at_one_pixel_at_least():
+    """Under 150 pixels 1 % rounds to 1 or 0: the term is then each image's single worst pixel, not two or none."""
+    recon, x = torch.zeros(1, 3, 7, 7), torch.zeros(1, 3, 7, 7)  # 49 pixels: 0.49 rounds to 0
+    recon[0, :, 2, 3], recon[0, :, 6, 1] = 1.0, 0.5
+    total, rec, _ = vae_loss(recon, x, posterior(), 0.0, worst_weight=2.0)
+    torch.testing.assert_close(total, rec + 2.0 * torch.tensor(1.0))

@@ -1,5 +1,6 @@
 """vae.py, pixels ↔ latents: the scaling factor, posterior sampling (diffusers' DiagonalGaussianDistribution is the
 oracle) and the decoder's output range and failure checks, on a stand-in VAE whose inputs are recorded."""
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,8 @@ SCALE = 0.18215  # SD 1.x's scaling_factor
 
 class FakeVAE:
     """Just the surface vae.py touches: device, dtype, config.scaling_factor, encode(...).latent_dist.parameters,
-    decode(z, return_dict=False)[0]. Records what it was given."""
+    decode(z, return_dict=False)[0], to(dtype). Records what it was given; decodes in its dtype, so an fp16 one
+    overflows to inf on values past 65504."""
 
     def __init__(self, params=None, image=None, dtype=torch.float32):
         self.device, self.dtype = torch.device("cpu"), dtype
@@ -29,6 +31,11 @@ class FakeVAE:
         assert return_dict is False
         self.seen.append(z)
         return (self.image.to(self.dtype),)
+
+    def to(self, dtype):
+        if dtype is not None:  # as nn.Module.to(None): nothing changes
+            self.dtype = dtype
+        return self
 
 
 def posterior_params(seed=0, shape=(2, 8, 4, 4)):
@@ -114,6 +121,40 @@ def test_decode_reports_an_all_black_image():
     almost = torch.full((1, 3, 2, 2), -1.0)
     almost[0, 2, 1, 1] = -0.9  # one pixel above black is an image
     assert vae.decode(FakeVAE(image=almost), torch.zeros(1, 4, 1, 1)).max() > 0
+
+
+def test_decode_retries_an_overflowing_fp16_decoder_once_in_float32(caplog):
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, 0, 0, 0] = 7e4  # past float16's 65504: inf in fp16, a clipped white pixel in float32
+    fake = FakeVAE(image=image, dtype=torch.float16)
+    latents = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="latentdiff.vae"):
+        out = vae.decode(fake, latents)
+    expected = torch.full((1, 3, 2, 2), 0.5)
+    expected[0, 0, 0, 0] = 1.0
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert [z.dtype for z in fake.seen] == [torch.float16, torch.float32]  # the same latents, upcast the second time
+    torch.testing.assert_close(fake.seen[1], latents / SCALE, atol=0, rtol=0)
+    assert fake.dtype == torch.float16  # the VAE is left as it was found
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the fp16 VAE decoder overflowed; decoding again in float32")]
+
+
+def test_decode_runs_a_finite_fp16_decoder_once_and_quietly(caplog):
+    fake = FakeVAE(image=torch.full((1, 3, 2, 2), 0.25), dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="latentdiff.vae"):
+        out = vae.decode(fake, torch.ones(1, 4, 1, 1))
+    assert torch.equal(out, torch.full((1, 3, 2, 2), 0.625))
+    assert len(fake.seen) == 1 and fake.dtype == torch.float16 and not caplog.records
+
+
+def test_decode_reports_an_fp16_decoder_that_fails_in_float32_too_and_restores_it():
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, 2, 1, 1] = float("nan")
+    fake = FakeVAE(image=image, dtype=torch.float16)
+    with pytest.raises(ModelError, match=r"^the VAE decoder produced NaN/inf pixels"):
+        vae.decode(fake, torch.zeros(1, 4, 1, 1))
+    assert [z.dtype for z in fake.seen] == [torch.float16, torch.float32] and fake.dtype == torch.float16
 
 
 META = torch.device("meta")  # a device without data: checks where tensors are sent without a second real device

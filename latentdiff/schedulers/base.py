@@ -125,11 +125,8 @@ class Sampler:
         else the training σ_t (linear between training steps)."""
         device = like.device
         t = t.to(device).reshape(-1)
-        table = schedules.sigma_table(self.alphas_cumprod).double().to(device)
         tf = t.double()
-        lo = tf.floor().long().clamp(0, len(table) - 1)
-        hi = (lo + 1).clamp(max=len(table) - 1)
-        sigma = (table[hi] - table[lo]) * (tf - lo) + table[lo]
+        sigma = schedules.linear_sigma(tf, schedules.sigma_table(self.alphas_cumprod).to(device))
         if self.timesteps is not None:
             match = self.timesteps.to(device).double()[None, :] == tf[:, None]  # (B, n)
             count = match.sum(1, keepdim=True)

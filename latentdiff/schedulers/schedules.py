@@ -288,8 +288,9 @@ def linear_sigma(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     t = t.double()
     lo = t.floor().long()
     hi = (lo + 1).clamp(max=len(table) - 1)
-    table = table.double()
-    return (table[hi] - table[lo]) * (t - lo) + table[lo]
+    table, frac = table.double(), t - lo
+    # At a training step take the table's σ itself: with zero terminal SNR the last σ is ∞, and ∞ − ∞ is NaN.
+    return torch.where(frac == 0, table[lo], (table[hi] - table[lo]) * frac + table[lo])
 
 
 def log_linear_sigma(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -182,9 +182,10 @@ def _weighted(hidden: torch.Tensor, chunked) -> list[torch.Tensor]:
             z = contexts[i]
             w = weights.to(z.device, z.dtype).unsqueeze(-1)  # (k, 77, 1)
             weighted = z * w
-            mean, new_mean = z.float().mean(), weighted.float().mean()
+            weighted_f = weighted.float()
+            mean, new_mean = z.float().mean(), weighted_f.mean()
             # A context of mean ~0 (a final LayerNorm without bias, as freshly initialised) has no mean to restore:
             # its ratio is rounding noise over rounding noise, up to 0/0. Decided on the device: no sync.
-            has_mean = new_mean.abs() > 1e-4 * weighted.float().abs().mean()
+            has_mean = new_mean.abs() > 1e-4 * weighted_f.abs().mean()
             contexts[i] = weighted * torch.where(has_mean, mean / new_mean, 1.0).to(z.dtype)
     return [c.flatten(0, 1) for c in contexts]  # (77·k, D)
